@@ -1,0 +1,1 @@
+"""Export of the reference modules (installed as `ldm_engine.export`)."""

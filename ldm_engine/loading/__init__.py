@@ -1,0 +1,5 @@
+"""Offline loading of original single-file checkpoints and diffusers folders."""
+from .checkpoint import LoadedModel, load_checkpoint
+from .errors import CheckpointError
+
+__all__ = ["LoadedModel", "load_checkpoint", "CheckpointError"]

@@ -1,0 +1,201 @@
+"""`load_checkpoint`: original single-file checkpoints and diffusers folders -> reference modules."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import (ClassEmbedder, CLIPTextEncoder, CLIPTokenizer, LDMConfig, UNetModel, build_autoencoder,
+                      get_preset)
+from ..models.configs import ScheduleConfig
+from . import diffusers_config as dc
+from .detect import detect_config
+from .errors import CheckpointError
+from .files import read_state_dict
+from .keymaps import diffusers_unet_to_original, diffusers_vae_to_original, ema_weights, openclip_text_to_reference
+from .modules import load_strict
+from .yaml_config import config_from_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """The components of one latent diffusion model, as plain nn.Modules in eval mode."""
+    config: LDMConfig
+    unet: UNetModel
+    vae: nn.Module
+    text_encoder: CLIPTextEncoder | None
+    tokenizer: CLIPTokenizer | None
+    class_embedder: ClassEmbedder | None
+    source: Path
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config.prediction_type
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return self.config.schedule
+
+
+def resolve_config(config) -> LDMConfig | None:
+    if config is None or isinstance(config, LDMConfig):
+        return config
+    if isinstance(config, (str, Path)) and Path(config).suffix in (".yaml", ".yml"):
+        if not Path(config).is_file():
+            raise CheckpointError(f"{config}: no such YAML config")
+        return config_from_yaml(config)
+    if isinstance(config, str):
+        return get_preset(config)
+    raise TypeError(f"config must be None, a preset name, a YAML path or an LDMConfig, got {type(config).__name__}")
+
+
+def load_checkpoint(path: str | Path, config=None, use_ema: bool = True,
+                    dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model from an original single file (.safetensors/.ckpt/.pt) or a diffusers folder.
+
+    `config`: None (detect from key names and shapes, or read the folder's configs), a preset name
+    (`sd-1.5`, `sd-2.1-v`, ...), a path to an original inference YAML, or an LDMConfig.
+    `use_ema`: take the EMA copy of the UNet weights when the file has one.
+    """
+    path = Path(path)
+    cfg = resolve_config(config)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path}: a folder must be a diffusers model folder with model_index.json")
+        return _load_diffusers(path, cfg, dtype)
+    return _load_single_file(path, cfg, use_ema, dtype)
+
+
+# ---- original single files -----------------------------------------------------------------------
+
+def _strip(sd, prefix):
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _load_single_file(path: Path, cfg: LDMConfig | None, use_ema: bool, dtype) -> LoadedModel:
+    sd = read_state_dict(path)
+    unet_sd = _strip(sd, "model.diffusion_model.")
+    if not unet_sd:
+        sample = ", ".join(list(sd)[:3])
+        raise CheckpointError(f"{path}: not a latent-diffusion checkpoint: no 'model.diffusion_model.*' keys "
+                              f"(found e.g. {sample}). For a diffusers component, load its whole model folder.")
+    if use_ema and (ema := ema_weights(sd)):
+        unet_sd = _strip(ema, "model.diffusion_model.")
+        log.info("using the EMA weights of %s", path.name)
+    vae_sd = {k: v for k, v in _strip(sd, "first_stage_model.").items() if not k.startswith("loss.")}
+    openclip = any(k.startswith("cond_stage_model.model.") for k in sd)
+    if openclip:
+        text_sd = openclip_text_to_reference(_strip(sd, "cond_stage_model.model."))
+    else:
+        prefix = ("cond_stage_model.transformer.text_model." if any(k.startswith("cond_stage_model.transformer.text_model.")
+                                                                 for k in sd) else "cond_stage_model.transformer.")
+        text_sd = _strip(sd, prefix)
+    text_sd.pop("embeddings.position_ids", None)
+    class_sd = _strip(sd, "cond_stage_model.embedding.")
+    class_sd = {"embedding." + k: v for k, v in class_sd.items()}
+    if cfg is None:
+        if not vae_sd:
+            raise CheckpointError(f"{path}: no autoencoder weights ('first_stage_model.*'); cannot detect the model")
+        cfg = detect_config(unet_sd, vae_sd, text_sd, openclip, class_sd, name=path.stem)
+    return _assemble(cfg, unet_sd, vae_sd, text_sd, class_sd, None, path, dtype)
+
+
+def _assemble(cfg: LDMConfig, unet_sd, vae_sd, text_sd, class_sd, tokenizer_dir, source, dtype) -> LoadedModel:
+    unet = load_strict(lambda: UNetModel(cfg.unet), unet_sd, "UNet", source, dtype)
+    vae = load_strict(lambda: build_autoencoder(cfg.vae), vae_sd, "autoencoder", source, dtype)
+    text_encoder = tokenizer = class_embedder = None
+    if cfg.conditioning == "text":
+        text_encoder = load_strict(lambda: CLIPTextEncoder(cfg.text_encoder), text_sd, "text encoder", source, dtype)
+        tokenizer = CLIPTokenizer(tokenizer_dir, max_length=cfg.text_encoder.max_length,
+                                  pad_token_id=cfg.text_encoder.pad_token_id)
+    elif cfg.conditioning == "class":
+        dim = cfg.unet.context_dim
+        class_embedder = load_strict(lambda: ClassEmbedder(cfg.num_classes, dim), class_sd, "class embedder", source, dtype)
+    return LoadedModel(cfg, unet, vae, text_encoder, tokenizer, class_embedder, Path(source))
+
+
+# ---- diffusers folders ---------------------------------------------------------------------------
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                 "pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
+
+
+def _component(folder: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    sub = folder / name
+    cfg_file = sub / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{sub}: missing config.json")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    for w in _WEIGHT_NAMES:
+        if (sub / w).is_file():
+            return config, read_state_dict(sub / w)
+    raise CheckpointError(f"{sub}: no weights file (looked for {', '.join(_WEIGHT_NAMES)})")
+
+
+def _load_diffusers(folder: Path, cfg: LDMConfig | None, dtype) -> LoadedModel:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / 'model_index.json'}: not valid JSON ({e})") from None
+    unet_c, unet_sd = _component(folder, "unet")
+    vae_name = "vae" if "vae" in index else "vqvae"
+    vae_class = (index.get(vae_name) or [None, "AutoencoderKL"])[1]
+    if vae_class not in ("AutoencoderKL", "VQModel"):
+        raise CheckpointError(f"{folder}: autoencoder class {vae_class!r} is not supported")
+    vae_c, vae_sd = _component(folder, vae_name)
+    unet_class = (index.get("unet") or [None, None])[1]
+    if unet_class != "UNet2DConditionModel":
+        raise CheckpointError(f"{folder}: UNet class {unet_class!r} is not supported (UNet2DConditionModel is)")
+    ucfg = dc.unet_config(unet_c, str(folder / "unet"))
+    vcfg, scale = dc.vae_config(vae_c, str(folder / vae_name), "vq" if vae_class == "VQModel" else "kl")
+    text_sd, text_cfg, tok_dir = {}, None, None
+    if index.get("text_encoder") and index["text_encoder"][0] is not None:
+        text_c, raw = _component(folder, "text_encoder")
+        # transformers < 5 saves keys under `text_model.`, transformers 5 without it
+        text_sd = {k.removeprefix("text_model."): v for k, v in raw.items()}
+        text_sd.pop("embeddings.position_ids", None)
+        tok_dir = folder / "tokenizer"
+        text_cfg = dc.text_encoder_config(text_c, str(folder / "text_encoder"), _pad_id(tok_dir))
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    schedule, pred = dc.schedule_config(json.loads(sched_file.read_text())) if sched_file.is_file() else (ScheduleConfig(), "eps")
+    n = len(ucfg.channel_mult)
+    unet_sd = diffusers_unet_to_original(unet_sd, ucfg.num_res_blocks,
+                                         [2 ** (n - 1 - i) in ucfg.attention_resolutions for i in range(n)])
+    vae_sd = diffusers_vae_to_original(vae_sd, len(vcfg.ch_mult))
+    if cfg is None:
+        task = "inpaint" if ucfg.in_channels == 9 else "upscale" if ucfg.in_channels == 7 else "txt2img"
+        cfg = LDMConfig(name=folder.name, unet=ucfg, vae=vcfg, text_encoder=text_cfg,
+                        conditioning="text" if text_cfg else "none", scale_factor=scale, prediction_type=pred,
+                        schedule=schedule, sample_size=_sample_size(unet_c), task=task if text_cfg else "unconditional")
+    return _assemble(cfg, unet_sd, vae_sd, text_sd, {}, tok_dir, folder, dtype)
+
+
+def _sample_size(unet_c: dict) -> int:
+    s = unet_c.get("sample_size") or 64
+    return s if isinstance(s, int) else s[0]
+
+
+def _pad_id(tok_dir: Path) -> int:
+    """The id of the folder tokenizer's pad token: SD1 folders pad with the end token, SD2 folders
+    with '!' (id 0 in the CLIP vocabulary, as OpenCLIP pads)."""
+    vocab_file = tok_dir / "vocab.json"
+    if not vocab_file.is_file():
+        raise CheckpointError(f"{tok_dir}: missing vocab.json (the tokenizer files of a diffusers folder)")
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = tok_dir / name
+        if f.is_file():
+            pad = json.loads(f.read_text(encoding="utf-8")).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if pad in vocab:
+                return vocab[pad]
+    return vocab["<|endoftext|>"]

@@ -1,0 +1,12 @@
+"""Reference modules: plain PyTorch, the truth every fast path is checked against."""
+from .autoencoder import AutoencoderKL, VQModel, build_autoencoder
+from .configs import (PRESETS, AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig,
+                      get_preset)
+from .text_encoder import ClassEmbedder, CLIPTextEncoder
+from .tokenizer import CLIPTokenizer
+from .unet import UNetModel
+
+__all__ = [
+    "AutoencoderKL", "VQModel", "build_autoencoder", "PRESETS", "AutoencoderConfig", "LDMConfig", "ScheduleConfig",
+    "TextEncoderConfig", "UNetConfig", "get_preset", "ClassEmbedder", "CLIPTextEncoder", "CLIPTokenizer", "UNetModel",
+]

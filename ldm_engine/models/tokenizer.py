@@ -1,0 +1,110 @@
+"""CLIP byte-level BPE tokenizer (Radford et al. 2021), offline.
+
+Vocabulary sources, in order: a `vocab.json` + `merges.txt` pair (a diffusers folder's `tokenizer/`),
+else the CLIP vocabulary embedded in the `instant-clip-tokenizer` package. Both give the ids of the
+original CLIP tokenizer. Sequences are `[start] tokens [end] pad...`, 77 long; SD1 pads with the end
+token, SD2 (OpenCLIP) with 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The pre-tokenization split of CLIP: contractions, letter runs, single digits, punctuation runs.
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+class _FileBPE:
+    """BPE from vocab.json/merges.txt, run by the `tokenizers` library with CLIP's normalization."""
+
+    def __init__(self, vocab_file: Path, merges_file: Path):
+        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+        lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            fuse_unk=False, unk_token="<|endoftext|>"))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        self._tok = tok
+        self.bos_id = vocab["<|startoftext|>"]
+        self.eos_id = vocab["<|endoftext|>"]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids).replace("</w>", " ").strip()
+
+
+class _EmbeddedBPE:
+    """The CLIP vocabulary that `instant-clip-tokenizer` carries inside its wheel."""
+
+    def __init__(self):
+        try:
+            import instant_clip_tokenizer
+        except ImportError as e:  # pragma: no cover - it is a declared dependency
+            raise RuntimeError("no tokenizer files given and instant-clip-tokenizer is not installed; "
+                               "pip install instant-clip-tokenizer, or point to a folder with vocab.json "
+                               "and merges.txt") from e
+        self._tok = instant_clip_tokenizer.Tokenizer()
+        self.bos_id, self.eos_id = 49406, 49407
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids)).strip()
+
+
+class CLIPTokenizer:
+    """prompts -> LongTensor (B, max_length) of CLIP token ids."""
+
+    def __init__(self, folder: str | Path | None = None, max_length: int = 77, pad_token_id: int | None = None):
+        if folder is not None:
+            folder = Path(folder)
+            vocab, merges = folder / "vocab.json", folder / "merges.txt"
+            if not vocab.is_file() or not merges.is_file():
+                raise FileNotFoundError(f"tokenizer folder {folder} needs vocab.json and merges.txt")
+            self._bpe = _FileBPE(vocab, merges)
+        else:
+            self._bpe = _EmbeddedBPE()
+        self.max_length = max_length
+        self.bos_token_id, self.eos_token_id = self._bpe.bos_id, self._bpe.eos_id
+        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
+
+    def encode(self, prompt: str) -> list[int]:
+        """One prompt -> [start] + tokens + [end] + padding (max_length ids); long prompts are
+        truncated with a warning that names the dropped words."""
+        ids = self._bpe.encode(prompt)
+        room = self.max_length - 2
+        if len(ids) > room:
+            log.warning("prompt is longer than %d tokens; dropped: %r", room, self._bpe.decode(ids[room:]))
+            ids = ids[:room]
+        ids = [self.bos_token_id, *ids, self.eos_token_id]
+        return ids + [self.pad_token_id] * (self.max_length - len(ids))
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return torch.tensor([self.encode(p) for p in prompts], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.bos_token_id:
+            ids = ids[1:]
+        if self.eos_token_id in ids:  # everything after the end token is padding
+            ids = ids[: ids.index(self.eos_token_id)]
+        return self._bpe.decode(ids)

@@ -1,0 +1,143 @@
+"""The time-conditional UNet of the LDM paper (Sec. 3.3), in the layout of the original
+`openaimodel.UNetModel`: `input_blocks`, `middle_block`, `output_blocks`, so original checkpoint keys
+(`model.diffusion_model.*`) load unchanged."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBlock, SpatialTransformer
+from .configs import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim), cos half first then sin, as Stable Diffusion."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepSequential(nn.Sequential):
+    """Passes the time embedding to ResBlocks and the context to attention layers."""
+
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, (SpatialTransformer, AttentionBlock)):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc, ted, g = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, ted)
+
+        def attention(ch: int, level: int | None) -> nn.Module:
+            heads, dim_head = cfg.heads_for(ch)
+            if cfg.use_spatial_transformer:
+                no_self = level is not None and bool(cfg.disable_self_attentions and cfg.disable_self_attentions[level])
+                return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                          cfg.use_linear_in_transformer, g, no_self)
+            return AttentionBlock(ch, heads, g)
+
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, ted, mult * mc, g)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(attention(ch, level))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepSequential(ResBlock(ch, ted, ch, g), attention(ch, None), ResBlock(ch, ted, ch, g))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), ted, mc * mult, g)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(attention(ch, level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, h, w), t scalar or (B,), context (B, L, context_dim) -> model output (B, C_out, h, w)."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if self.config.num_classes is not None:
+            if class_labels is None:
+                raise ValueError("this UNet is class-conditional: pass class_labels (B,) as integers")
+            emb = emb + self.label_emb(torch.as_tensor(class_labels, device=x.device).long().expand(x.shape[0]))
+        if self.config.context_dim is not None and self.config.use_spatial_transformer and context is None:
+            raise ValueError("this UNet uses cross-attention: pass context (B, L, %d)" % self.config.context_dim)
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)

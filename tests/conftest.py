@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random-init models built and saved by diffusers / transformers themselves."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TINY_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                 vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def diffusers_unet(style: str = "sd1", **overrides):
+    from diffusers import UNet2DConditionModel
+
+    kw = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+    if style == "sd2":  # linear projections, head width fixed (16), attention at every level
+        kw.update(use_linear_projection=True, attention_head_dim=(2, 4),
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    kw.update(overrides)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**kw).eval()
+
+
+def diffusers_vae(kind: str = "kl"):
+    from diffusers import AutoencoderKL, VQModel
+
+    kw = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    torch.manual_seed(1)
+    if kind == "kl":
+        return AutoencoderKL(latent_channels=4, **kw).eval()
+    return VQModel(latent_channels=3, num_vq_embeddings=64, **kw).eval()
+
+
+def hf_text_encoder(act: str = "quick_gelu", layers: int = 3):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(2)
+    return CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, "num_hidden_layers": layers}, hidden_act=act)).eval()
+
+
+def write_tiny_vocab(folder, pad_token: str = "<|endoftext|>"):
+    """A CLIP-format vocab.json/merges.txt trained by the `tokenizers` library on a small corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=600, end_of_word_suffix="</w>", show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|startoftext|>", "<|endoftext|>"])
+    corpus = ["a photo of a cat", "a red circle on a blue background", "an astronaut riding a horse on mars",
+              "a painting of a fox in the snow, trending on artstation", "green square", "yellow triangle"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.model.save(str(folder))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """A diffusers SD1-style folder: tiny UNet, KL VAE, CLIP text encoder, tokenizer, DDIM scheduler."""
+    return save_diffusers_folder(tmp_path_factory.mktemp("sd1"), "sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory):
+    return save_diffusers_folder(tmp_path_factory.mktemp("sd2"), "sd2")
+
+
+def save_diffusers_folder(root, style: str):
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTokenizer
+
+    unet = diffusers_unet(style)
+    vae = diffusers_vae("kl")
+    text = hf_text_encoder("quick_gelu" if style == "sd1" else "gelu")
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    write_tiny_vocab(root / "tokenizer", pad_token="<|endoftext|>" if style == "sd1" else "!")
+    CLIPTokenizer(vocab_file=str(root / "tokenizer/vocab.json"), merges_file=str(root / "tokenizer/merges.txt"),
+                  pad_token="<|endoftext|>" if style == "sd1" else "!").save_pretrained(root / "tokenizer")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                  prediction_type="epsilon" if style == "sd1" else "v_prediction").save_pretrained(root / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
