@@ -83,8 +83,8 @@ def save_diffusers_folder(root, style: str):
     vae.save_pretrained(root / "vae")
     text.save_pretrained(root / "text_encoder")
     write_tiny_vocab(root / "tokenizer", pad_token="<|endoftext|>" if style == "sd1" else "!")
-    CLIPTokenizer(vocab_file=str(root / "tokenizer/vocab.json"), merges_file=str(root / "tokenizer/merges.txt"),
-                  pad_token="<|endoftext|>" if style == "sd1" else "!").save_pretrained(root / "tokenizer")
+    CLIPTokenizer.from_pretrained(str(root / "tokenizer"),
+                                  pad_token="<|endoftext|>" if style == "sd1" else "!").save_pretrained(root / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                   prediction_type="epsilon" if style == "sd1" else "v_prediction").save_pretrained(root / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],

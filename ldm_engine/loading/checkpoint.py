@@ -103,6 +103,8 @@ def _load_single_file(path: Path, cfg: LDMConfig | None, use_ema: bool, dtype) -
         if not vae_sd:
             raise CheckpointError(f"{path}: no autoencoder weights ('first_stage_model.*'); cannot detect the model")
         cfg = detect_config(unet_sd, vae_sd, text_sd, openclip, class_sd, name=path.stem)
+    if "scale_factor" in sd and sd["scale_factor"].numel() == 1:  # trained with scale_by_std: the file knows best
+        cfg = cfg.replace(scale_factor=float(sd["scale_factor"]))
     return _assemble(cfg, unet_sd, vae_sd, text_sd, class_sd, None, path, dtype)
 
 

@@ -31,24 +31,25 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
     conv_in = _need(sd, "input_blocks.0.0.weight", "UNet")
     mc, in_ch = conv_in.shape[0], conv_in.shape[1]
     out_ch = _need(sd, "out.2.weight", "UNet").shape[0]
-    mults, attn, nres, ds, count, attn_block = [], [], None, 1, 0, {}
-    for k in _indices(sd, r"input_blocks\.(\d+)\.")[1:]:
-        if f"input_blocks.{k}.0.op.weight" in sd:  # a downsampler closes the level
-            nres = nres or count
-            ds, count = ds * 2, 0
-            continue
-        width = _need(sd, f"input_blocks.{k}.0.in_layers.2.weight", "UNet").shape[0]
-        if count == 0:
-            mults.append(width // mc)
-        count += 1
-        if any(key.startswith(f"input_blocks.{k}.1.") for key in sd) and ds not in attn:
-            attn.append(ds)
-            attn_block[len(mults) - 1] = k
-    nres = nres or count
+    # Each output level has num_res_blocks + 1 blocks, the last of which (except at the top level) ends
+    # with an upsampler: an `N.conv` or, with resblock_updown, a second ResBlock (`N.in_layers`).
+    out_blocks = _indices(sd, r"output_blocks\.(\d+)\.")
+    up_rx = re.compile(r"output_blocks\.(\d+)\.[12]\.(conv|in_layers)\.")
+    ups = sorted({int(m[1]) for k in sd if (m := up_rx.match(k))})
+    nres = ups[0] if ups else len(out_blocks) - 1
+    updown = any(m[2] == "in_layers" for k in sd if (m := up_rx.match(k)))
+    mults, attn, attn_block = [], [], {}
+    for level in range(len(out_blocks) // (nres + 1)):
+        first = 1 + level * (nres + 1)
+        mults.append(_need(sd, f"input_blocks.{first}.0.in_layers.2.weight", "UNet").shape[0] // mc)
+        if any(k.startswith(f"input_blocks.{first}.1.") for k in sd):
+            attn.append(2 ** level)
+            attn_block[level] = first
+    emb_out = _need(sd, "input_blocks.1.0.emb_layers.1.weight", "UNet").shape[0]
     spatial = any(".transformer_blocks." in k for k in sd)
     cfg = UNetConfig(in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults),
                      num_res_blocks=nres, attention_resolutions=tuple(attn), use_spatial_transformer=spatial,
-                     context_dim=None)
+                     context_dim=None, use_scale_shift_norm=emb_out == 2 * mults[0] * mc, resblock_updown=updown)
     if "label_emb.weight" in sd:
         cfg.num_classes = sd["label_emb.weight"].shape[0]
     elif any(k.startswith("label_emb.") for k in sd):

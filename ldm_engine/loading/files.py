@@ -64,11 +64,14 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = str(e)
+        if "Weights only load failed" not in msg:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg.strip()[:200]})") from None
+        culprit = next((line.strip() for line in msg.splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(
-            f"{path}: refused to load: the pickle asks to run code or build objects other than tensors "
-            f"({first}). Only weights are read (torch.load weights_only=True); convert the file to "
-            f".safetensors with a tool you trust.") from None
+            f"{path}: refused to load: the pickle asks to run code or build objects other than tensors"
+            f"{' (' + culprit + ')' if culprit else ''}. Only weights are read (torch.load with "
+            f"weights_only=True); convert the file to .safetensors with a tool you trust.") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
             AttributeError, struct.error, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "

@@ -29,15 +29,21 @@ class UNetConfig:
     # Per level: the first attention of each transformer block attends to the context instead of
     # itself (the x4 upscaler's first levels).
     disable_self_attentions: tuple[bool, ...] | None = None
+    use_scale_shift_norm: bool = False  # time embedding as FiLM scale/shift (original LDM UNets)
+    resblock_updown: bool = False  # resample inside ResBlocks instead of separate (de)convs
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
-        self.attention_resolutions = tuple(self.attention_resolutions)
+        self.attention_resolutions = tuple(sorted(self.attention_resolutions))
         if self.disable_self_attentions is not None:
             self.disable_self_attentions = tuple(self.disable_self_attentions)
             if len(self.disable_self_attentions) != len(self.channel_mult):
                 raise ValueError(f"disable_self_attentions needs one entry per level ({len(self.channel_mult)}), "
                                  f"got {self.disable_self_attentions}")
+            # only levels that have attention can disable it; normalized so equal models compare equal
+            flags = tuple(bool(f) and 2 ** i in self.attention_resolutions
+                          for i, f in enumerate(self.disable_self_attentions))
+            self.disable_self_attentions = flags if any(flags) else None
 
     @property
     def time_embed_dim(self) -> int:
@@ -205,18 +211,19 @@ PRESETS: dict[str, LDMConfig] = {
                    use_spatial_transformer=False),
         _VQ_F4, conditioning="none", scale_factor=1.0, schedule=_LDM_SCHEDULE, task="unconditional",
     ),
-    "ldm-kl-f8": LDMConfig(
+    "ldm-kl-f8": LDMConfig(  # the LSUN-churches model of the paper
         "ldm-kl-f8",
-        UNetConfig(model_channels=192, channel_mult=(1, 2, 2, 4, 4), attention_resolutions=(8, 4, 2),
-                   num_heads=24, context_dim=None, use_spatial_transformer=False),
-        _KL_F8, conditioning="none", scale_factor=0.22765929, sample_size=32, schedule=_LDM_SCHEDULE,
-        task="unconditional",
+        UNetConfig(model_channels=192, channel_mult=(1, 2, 2, 4, 4), attention_resolutions=(1, 2, 4, 8),
+                   num_heads=8, context_dim=None, use_spatial_transformer=False, use_scale_shift_norm=True,
+                   resblock_updown=True),
+        _KL_F8, conditioning="none", scale_factor=0.22765929, sample_size=32,
+        schedule=ScheduleConfig(beta_start=0.0015, beta_end=0.0155), task="unconditional",
     ),
     "ldm-vq-f8-cin": LDMConfig(
         "ldm-vq-f8-cin",
         UNetConfig(model_channels=256, channel_mult=(1, 2, 4), attention_resolutions=(4, 2, 1),
                    num_head_channels=32, context_dim=512),
-        _VQ_F8, conditioning="class", num_classes=1001, scale_factor=1.0, sample_size=32,
+        _VQ_F8, conditioning="class", num_classes=1000, scale_factor=1.0, sample_size=32,
         schedule=_LDM_SCHEDULE, task="class",
     ),
     # Tiny configs for tests: same code paths, seconds on a CPU.

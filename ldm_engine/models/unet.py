@@ -23,18 +23,40 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
+    """Residual block with the time embedding added between its convs (or, with `scale_shift`, applied
+    as a FiLM scale and shift on the second norm). `resample` = "up"/"down" resizes inside the block
+    (the original `resblock_updown` option)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32,
+                 scale_shift: bool = False, resample: str | None = None):
         super().__init__()
+        self.scale_shift, self.resample = scale_shift, resample
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
+    def _resize(self, x):
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return F.avg_pool2d(x, kernel_size=2, stride=2) if self.resample == "down" else x
+
     def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        if self.resample:
+            h = self.in_layers[2](self._resize(self.in_layers[1](self.in_layers[0](x))))
+            x = self._resize(x)
+        else:
+            h = self.in_layers(x)
+        e = self.emb_layers(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
 
 
 class Downsample(nn.Module):
@@ -74,6 +96,10 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = cfg
         mc, ted, g = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+
+        def res(cin: int, cout: int, resample: str | None = None) -> ResBlock:
+            return ResBlock(cin, ted, cout, g, cfg.use_scale_shift_norm, resample)
+
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
@@ -90,28 +116,28 @@ class UNetModel(nn.Module):
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, ted, mult * mc, g)]
+                layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(attention(ch, level))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                self.input_blocks.append(TimestepSequential(res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)))
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepSequential(ResBlock(ch, ted, ch, g), attention(ch, None), ResBlock(ch, ted, ch, g))
+        self.middle_block = TimestepSequential(res(ch, ch), attention(ch, None), res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_chans.pop(), ted, mc * mult, g)]
+                layers = [res(ch + skip_chans.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
                     layers.append(attention(ch, level))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(res(ch, ch, "up") if cfg.resblock_updown else Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
