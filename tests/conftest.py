@@ -84,8 +84,10 @@ def save_diffusers_folder(root, style: str):
     text.save_pretrained(root / "text_encoder")
     write_tiny_vocab(root / "tokenizer", pad_token="<|endoftext|>" if style == "sd1" else "!")
     CLIPTokenizer.from_pretrained(str(root / "tokenizer"),
-                                  pad_token="<|endoftext|>" if style == "sd1" else "!").save_pretrained(root / "tokenizer")
+                                  pad_token="<|endoftext|>" if style == "sd1" else "!",
+                                  model_max_length=77).save_pretrained(root / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                  clip_sample=False, set_alpha_to_one=False,
                   prediction_type="epsilon" if style == "sd1" else "v_prediction").save_pretrained(root / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],

@@ -1,0 +1,44 @@
+"""The reference modules run eagerly by PyTorch."""
+from __future__ import annotations
+
+import torch
+
+
+class TorchBackend:
+    """encode_text(ids) -> context; denoise(z, t, context, extra) -> model output; decode(z) -> image;
+    encode(image) -> latent distribution. Latents here are the autoencoder's own (unscaled) ones."""
+
+    name = "torch"
+
+    def __init__(self, model, device="cpu", dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype or next(model.unet.parameters()).dtype
+        for m in (model.unet, model.vae, model.text_encoder, model.class_embedder):
+            if m is not None:
+                m.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.text_encoder(ids.to(self.device)).float()
+
+    @torch.no_grad()
+    def embed_class(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.class_embedder(labels.to(self.device)).float()
+
+    @torch.no_grad()
+    def denoise(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None = None) -> torch.Tensor:
+        extra = extra or {}
+        labels = extra.get("class_labels")
+        out = self.model.unet(z.to(self.device, self.dtype), t,
+                              None if context is None else context.to(self.device, self.dtype),
+                              class_labels=None if labels is None else labels.to(self.device))
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.decode(z.to(self.device, self.dtype)).float()
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor):
+        return self.model.vae.encode(image.to(self.device, self.dtype))
