@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionBlock, SpatialTransformer
+from .autoencoder_blocks import Upsample  # nearest x2 then a 3x3 conv, the same in both networks
 from .configs import UNetConfig
 
 
@@ -66,15 +67,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepSequential(nn.Sequential):
