@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from .backends import make_backend
+from . import tasks
 from .images import to_numpy, to_pil, to_tensor
 from .loading import LoadedModel, load_checkpoint
 from .sampling import check_sampler, make_plan, run_sampler
+from .vae_tiling import decode_tiled
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,12 @@ class Pipeline:
         return (ctx[: len(prompts)], ctx[len(prompts):]) if guided else (ctx, None)
 
     def _check_args(self, height, width, steps, strength, guidance_scale, sampler, image, mask_image):
-        f = self.config.vae.downsampling_factor * (2 ** (len(self.config.unet.channel_mult) - 1))
+        cfg = self.config
+        # the latent side must survive the UNet's downsamplings; an upscaler's latent is the input image
+        f = (1 if cfg.task == "upscale" else cfg.vae.downsampling_factor) * (2 ** (len(cfg.unet.channel_mult) - 1))
         for name, v in (("height", height), ("width", width)):
             if v % f:
-                raise ValueError(f"{name} must be a multiple of {f} for this model (autoencoder factor "
-                                 f"{self.config.vae.downsampling_factor} x UNet depth), got {v}; try {v // f * f or f}")
+                raise ValueError(f"{name} must be a multiple of {f} for this model, got {v}; try {v // f * f or f}")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if not 0.0 <= strength <= 1.0:
@@ -66,9 +69,27 @@ class Pipeline:
         check_sampler(sampler)
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image (the picture to inpaint)")
-        if mask_image is not None and self.config.unet.in_channels != 9:
-            raise ValueError(f"inpainting needs an inpainting model (9 UNet input channels); "
-                             f"{self.config.name} has {self.config.unet.in_channels}")
+        if mask_image is not None and cfg.conditioning == "none":
+            raise ValueError(f"{cfg.name} is an unconditional model and cannot inpaint; use an SD or inpainting model")
+        if cfg.task == "inpaint" and mask_image is None:
+            raise ValueError(f"{cfg.name} is an inpainting model: pass image and mask_image")
+        if cfg.task == "upscale" and image is None:
+            raise ValueError(f"{cfg.name} is an upscaler: pass the low-resolution image")
+
+    def enable_vae_tiling(self, tile: int = 64, overlap: int = 16) -> None:
+        """Decode latents larger than `tile` (latent pixels) in overlapping tiles: bounded memory."""
+        self.vae_tiling = (tile, overlap)
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (tiled when enabled and the latent exceeds a tile)."""
+        z = latents / self.config.scale_factor
+        tiling = getattr(self, "vae_tiling", None)
+        if tiling and max(z.shape[-2:]) > tiling[0]:
+            return decode_tiled(self.backend.decode, z, self.config.vae.downsampling_factor, *tiling)
+        return self.backend.decode(z)
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -77,7 +98,7 @@ class Pipeline:
                  guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, image=None, mask_image=None, strength: float = 0.8,
-                 class_label: int | list[int] | None = None, output_type: str = "pil",
+                 noise_level: int = 20, class_label: int | list[int] | None = None, output_type: str = "pil",
                  progress: bool = True, callback=None) -> PipelineOutput:
         cfg = self.config
         if image is not None and (height is None or width is None):
@@ -120,48 +141,53 @@ class Pipeline:
         batch *= n
 
         f = cfg.vae.downsampling_factor
+        if cfg.task == "upscale":  # the latent is the size of the low-res image; the output f times larger
+            height, width = height * f, width * f
         shape = (batch, cfg.vae.embed_dim, height // f, width // f)
         plan = make_plan(sampler, num_inference_steps, cfg.schedule)
         scale = cfg.scale_factor
 
-        init_latents = mask = masked_latents = None
-        if image is not None:
-            img = to_tensor(image, (height, width))
-            if mask_image is not None:
-                m = to_tensor(mask_image, (height, width), mode="L")
-                if m.shape[-2:] != img.shape[-2:]:
-                    raise ValueError(f"mask size {tuple(m.shape[-2:])} differs from image size {tuple(img.shape[-2:])}")
-                m = (m >= 0.5).float()
-                masked = img * (m < 0.5)
-                masked_latents = (self.backend.encode(masked).sample(generator) * scale).repeat(batch // img.shape[0], 1, 1, 1)
-                mask = torch.nn.functional.interpolate(m, size=shape[-2:]).repeat(batch // m.shape[0], 1, 1, 1)
-            else:
-                init_latents = (self.backend.encode(img).sample(generator) * scale).repeat(batch // img.shape[0], 1, 1, 1)
+        def noise_fn() -> torch.Tensor:
+            if latents is not None:
+                if tuple(latents.shape) != shape:
+                    raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+                return latents.float()
+            return torch.randn(shape, generator=generator, dtype=torch.float32)
 
-        noise = latents if latents is not None else torch.randn(shape, generator=generator, dtype=torch.float32)
-        if init_latents is not None:  # SDEdit: start part-way, from the noised encoding of the image
-            start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-            plan = plan.tail(start)
-            if len(plan.timesteps) == 0:
-                raise ValueError(f"strength {strength} leaves no denoising step; raise strength or steps")
-            x = plan.noised(init_latents, noise)
+        if cfg.task == "upscale":
+            start = tasks.upscale(self.backend, plan, image, noise_level, cfg, shape, generator, noise_fn)
+        elif mask_image is not None:
+            start = tasks.inpaint(self.backend, plan, image, mask_image, num_inference_steps, strength, scale, shape,
+                                  generator, noise_fn, concat_mask=cfg.unet.in_channels == 9)
+        elif image is not None:
+            start = tasks.img2img(self.backend, plan, image, num_inference_steps, strength, scale, shape,
+                                  generator, noise_fn)
         else:
-            x = plan.initial_latents(noise)
+            start = tasks.txt2img(plan, noise_fn())
+        if start.class_labels is not None:
+            extra["class_labels"] = torch.cat([start.class_labels] * (2 if guided else 1))
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
-            if mask is not None:
-                x_in = torch.cat([x_in, mask, masked_latents], dim=1)
+            if start.concat is not None:
+                x_in = torch.cat([x_in, start.concat], dim=1)
             if not guided:
                 return self.backend.denoise(x_in, t, context, extra)
             out_u, out_c = self.backend.denoise(torch.cat([x_in, x_in]), t, torch.cat([uncond, context]), extra).chunk(2)
             return out_u + guidance_scale * (out_c - out_u)
 
-        x = run_sampler(sampler, model, x, plan, cfg.prediction_type, eta=eta, generator=generator,
-                        callback=callback, disable=not progress)
+        def on_step(info):
+            if start.callback is not None:
+                info["x"] = start.callback(info)
+            if callback is not None:
+                callback(info)
+            return info["x"]
+
+        x = run_sampler(sampler, model, start.x, start.plan, cfg.prediction_type, eta=eta, generator=generator,
+                        callback=on_step, disable=not progress)
         _check_finite(x, "latents after sampling")
         if output_type == "latent":
             return PipelineOutput(x, x, seed)
-        images = self.backend.decode(x / scale)
+        images = self.decode(x)
         _check_finite(images, "decoded image")
         out = {"pil": to_pil, "np": to_numpy, "pt": lambda t: (t / 2 + 0.5).clamp(0, 1)}
         if output_type not in out:

@@ -72,11 +72,31 @@ def sd2_folder(tmp_path_factory):
     return save_diffusers_folder(tmp_path_factory.mktemp("sd2"), "sd2")
 
 
-def save_diffusers_folder(root, style: str):
+@pytest.fixture(scope="session")
+def inpaint_folder(tmp_path_factory):
+    """A 9-channel inpainting model (SD1 style)."""
+    return save_diffusers_folder(tmp_path_factory.mktemp("inpaint"), "sd1", in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def upscaler_folder(tmp_path_factory):
+    """An x4-upscaler-style model: 4 latent + 3 image channels, noise level as class input, v-prediction."""
+    from diffusers import DDPMScheduler
+
+    root = save_diffusers_folder(tmp_path_factory.mktemp("upscaler"), "sd2", in_channels=7, num_class_embeds=1000)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02).save_pretrained(root / "low_res_scheduler")
+    index = json.loads((root / "model_index.json").read_text())
+    index |= {"_class_name": "StableDiffusionUpscalePipeline", "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+              "max_noise_level": 350}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def save_diffusers_folder(root, style: str, **unet_overrides):
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
-    unet = diffusers_unet(style)
+    unet = diffusers_unet(style, **unet_overrides)
     vae = diffusers_vae("kl")
     text = hf_text_encoder("quick_gelu" if style == "sd1" else "gelu")
     unet.save_pretrained(root / "unet")
@@ -89,7 +109,9 @@ def save_diffusers_folder(root, style: str):
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                   clip_sample=False, set_alpha_to_one=False,
                   prediction_type="epsilon" if style == "sd1" else "v_prediction").save_pretrained(root / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+    import diffusers
+
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__, "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
              "safety_checker": [None, None], "feature_extractor": [None, None]}

@@ -86,7 +86,7 @@ def test_pil_output_and_seed(pipes):
     (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
     (dict(sampler="heun"), "unknown sampler 'heun'"),
     (dict(mask_image=Image.new("L", (16, 16))), "mask_image needs image"),
-    (dict(image=Image.new("RGB", (16, 16)), mask_image=Image.new("L", (16, 16))), "inpainting needs an inpainting model"),
+    (dict(image=Image.new("RGB", (16, 16)), mask_image=Image.new("L", (8, 16))), r"mask size \(8, 16\).*differs"),
     (dict(output_type="jpeg"), "output_type must be one of"),
 ])
 def test_bad_arguments(pipes, kwargs, message):
@@ -104,3 +104,65 @@ def test_nan_names_the_stage(pipes):
             p("x", height=16, width=16, num_inference_steps=1, seed=0, progress=False)
     finally:
         p.backend.decode = real
+
+
+def _mask(h=16, w=16):
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[4:12, 2:10] = 255
+    return Image.fromarray(m)
+
+
+def _image(h=16, w=16, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_9_channel_matches_diffusers(inpaint_folder, strength):
+    import diffusers
+
+    ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(inpaint_folder, safety_checker=None,
+                                                                   requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=8, guidance_scale=5.0, strength=strength, output_type="np", height=16, width=16)
+    expected = ref("a red sofa", image=_image(), mask_image=_mask(), generator=torch.Generator().manual_seed(6), **kw).images
+    got = Pipeline.from_pretrained(inpaint_folder)("a red sofa", image=_image(), mask_image=_mask(), seed=6,
+                                                   progress=False, **kw).images
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_inpaint_4_channel_blends_like_diffusers(pipes, sd1_folder):
+    import diffusers
+
+    ref = diffusers.StableDiffusionInpaintPipeline(**_diffusers(sd1_folder, "ddim").components)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=8, guidance_scale=5.0, strength=1.0, output_type="np", height=16, width=16)
+    expected = ref("a cat", image=_image(), mask_image=_mask(), generator=torch.Generator().manual_seed(2), **kw).images
+    got = pipes["sd1"]("a cat", image=_image(), mask_image=_mask(), seed=2, progress=False, **kw).images
+    assert np.abs(got - expected).max() <= TOL
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_upscale_matches_diffusers(upscaler_folder, sampler):
+    import diffusers
+
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(upscaler_folder)
+    ref.set_progress_bar_config(disable=True)
+    if sampler == "euler":
+        ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    low = _image(8, 12, seed=3)
+    kw = dict(num_inference_steps=6, guidance_scale=4.0, noise_level=40, output_type="np")
+    expected = ref("a tree", image=low, generator=torch.Generator().manual_seed(8), **kw).images
+    pipe = Pipeline.from_pretrained(upscaler_folder)
+    got = pipe("a tree", image=low, seed=8, sampler=sampler, progress=False, **kw).images
+    assert got.shape == expected.shape == (1, 16, 24, 3)  # the tiny autoencoder upsamples by 2
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_task_errors(inpaint_folder, upscaler_folder):
+    with pytest.raises(ValueError, match="inpainting model: pass image and mask_image"):
+        Pipeline.from_pretrained(inpaint_folder)("x", height=16, width=16, progress=False)
+    up = Pipeline.from_pretrained(upscaler_folder)
+    with pytest.raises(ValueError, match="upscaler: pass the low-resolution image"):
+        up("x", progress=False)
+    with pytest.raises(ValueError, match=r"noise_level must be in \[0, 350\]"):
+        up("x", image=_image(8, 8), noise_level=400, progress=False)

@@ -177,7 +177,14 @@ def _load_diffusers(folder: Path, cfg: LDMConfig | None, dtype) -> LoadedModel:
         task = "inpaint" if ucfg.in_channels == 9 else "upscale" if ucfg.in_channels == 7 else "txt2img"
         cfg = LDMConfig(name=folder.name, unet=ucfg, vae=vcfg, text_encoder=text_cfg,
                         conditioning="text" if text_cfg else "none", scale_factor=scale, prediction_type=pred,
-                        schedule=schedule, sample_size=_sample_size(unet_c), task=task if text_cfg else "unconditional")
+                        schedule=schedule, sample_size=_sample_size(unet_c), task=task if text_cfg else "unconditional",
+                        max_noise_level=int(index.get("max_noise_level", 350)))
+        if task == "upscale" and scale == 0.18215:  # the x4 upscaler's VAE runs at 0.08333, as diffusers assumes
+            log.warning("%s: upscaler autoencoder with scaling_factor 0.18215; using 0.08333", folder)
+            cfg.scale_factor = 0.08333
+        low_res = folder / "low_res_scheduler" / "scheduler_config.json"
+        if low_res.is_file():
+            cfg.noise_aug_schedule = dc.schedule_config(json.loads(low_res.read_text()))[0]
     return _assemble(cfg, unet_sd, vae_sd, text_sd, {}, tok_dir, folder, dtype)
 
 

@@ -133,6 +133,9 @@ class LDMConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sample_size: int = 64  # default latent side (image side / downsampling factor)
     task: str = "txt2img"  # txt2img, inpaint, upscale, unconditional, class
+    # x4 upscaler: the schedule that noises the low-res input, and the highest noise level it accepts
+    noise_aug_schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(beta_start=0.0001, beta_end=0.02))
+    max_noise_level: int = 350
 
     def __post_init__(self):
         if self.conditioning not in ("text", "class", "none"):
@@ -167,6 +170,7 @@ def from_dict(d: dict) -> LDMConfig:
         vae=AutoencoderConfig(**d.pop("vae")),
         text_encoder=TextEncoderConfig(**te) if te else None,
         schedule=ScheduleConfig(**d.pop("schedule", {})),
+        noise_aug_schedule=ScheduleConfig(**d.pop("noise_aug_schedule", {})),
         **d,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .plan import Plan
+from .plan import Plan, after_step
 from .prediction import to_x0_eps
 
 
@@ -25,8 +25,7 @@ def sample_ddim(model, x, plan: Plan, prediction_type: str = "eps", eta: float =
         x = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
         if eta > 0:
             x = x + std * _noise(x, generator)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+        x = after_step(callback, {"i": i, "t": t, "x": x, "denoised": x0}, x)
     return x
 
 
@@ -46,6 +45,5 @@ def sample_ddpm(model, x, plan: Plan, prediction_type: str = "eps", generator=No
             var = max((1 - a_prev) / (1 - a) * (1 - alpha), 1e-20)
             mean = mean + var ** 0.5 * _noise(x, generator)
         x = mean
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+        x = after_step(callback, {"i": i, "t": t, "x": x, "denoised": x0}, x)
     return x

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .ddim import _noise
-from .plan import Plan
+from .plan import Plan, after_step
 from .prediction import to_denoised, to_x0_eps
 
 
@@ -24,8 +24,7 @@ def sample_euler(model, x, plan: Plan, prediction_type: str = "eps", callback=No
         denoised = _denoise(model, x, plan, i, prediction_type)
         sigma, sigma_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
-        if callback is not None:
-            callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
+        x = after_step(callback, {"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised}, x)
     return x
 
 
@@ -41,8 +40,7 @@ def sample_euler_ancestral(model, x, plan: Plan, prediction_type: str = "eps", g
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         x = x + _noise(x, generator) * sigma_up
-        if callback is not None:
-            callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
+        x = after_step(callback, {"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised}, x)
     return x
 
 
@@ -69,6 +67,5 @@ def sample_dpmpp_2m(model, x, plan: Plan, prediction_type: str = "eps", callback
             d = denoised + (denoised - prev_denoised) / (2 * r)
         x = (sigma_next * a_t / (sigma * a_s)) * x + a_t * phi * d
         prev_denoised = denoised
-        if callback is not None:
-            callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
+        x = after_step(callback, {"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised}, x)
     return x

@@ -48,3 +48,11 @@ class Plan:
             return x0 + noise * float(self.sigmas[0])
         a = self.abar(int(self.timesteps[0])) if self.sigmas is None else 1 / (float(self.sigmas[0]) ** 2 + 1)
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def after_step(callback, info: dict, x: torch.Tensor) -> torch.Tensor:
+    """Call the per-step callback; a tensor it returns replaces the latents (latent-blending inpainting)."""
+    if callback is None:
+        return x
+    out = callback(info)
+    return out if isinstance(out, torch.Tensor) else x

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .plan import Plan
+from .plan import Plan, after_step
 
 
 def _transfer(x, eps, a, a_prev):
@@ -54,6 +54,5 @@ def sample_plms(model, x, plan: Plan, prediction_type: str = "eps", callback=Non
             else:
                 combined = (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24
             x = _transfer(x, _as_eps(combined, x, a, prediction_type), a, a_prev)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x})
+        x = after_step(callback, {"i": i, "t": t, "x": x}, x)
     return x

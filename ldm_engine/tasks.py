@@ -1,0 +1,107 @@
+"""How each task makes its start latents and the UNet's extra inputs.
+
+img2img (SDEdit, Meng et al. 2022) starts part-way down the schedule from the noised encoding of an
+image; inpainting either concatenates mask + masked-image latents (9-channel models) or, for ordinary
+models, blends the known region back in after every step (the LDM code's method); the x4 upscaler
+concatenates a noise-augmented low-resolution image and gets its noise level as the class input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .images import to_tensor
+from .sampling import Plan
+from .sampling.schedule import alphas_cumprod_for
+
+
+@dataclass
+class Start:
+    x: torch.Tensor  # start latents, in the sampler's space
+    plan: Plan  # the steps still to run
+    concat: torch.Tensor | None = None  # extra UNet input channels (B, C, h, w), same for both CFG halves
+    class_labels: torch.Tensor | None = None
+    callback: object = None  # per-step hook that may replace the latents
+
+
+def load_image(image, height: int, width: int) -> torch.Tensor:
+    img = to_tensor(image)
+    if img.shape[-2:] != (height, width):
+        img = to_tensor(image, (height, width))
+    return img
+
+
+def load_mask(mask_image, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) binary mask, 1 = repaint; it must match the image's size."""
+    m = to_tensor(mask_image, mode="L")
+    if tuple(m.shape[-2:]) != tuple(image_hw):
+        raise ValueError(f"mask size {tuple(m.shape[-2:][::-1])} (W, H) differs from the image size "
+                         f"{tuple(image_hw[::-1])}; give a mask of the same size")
+    return (m >= 0.5).float()
+
+
+def _skip(plan: Plan, steps: int, strength: float) -> Plan:
+    start = steps - min(int(steps * strength), steps)
+    plan = plan.tail(start)
+    if len(plan.timesteps) == 0:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
+    return plan
+
+
+def txt2img(plan: Plan, noise: torch.Tensor) -> Start:
+    return Start(plan.initial_latents(noise), plan)
+
+
+def img2img(backend, plan, image, steps, strength, scale, shape, generator, noise_fn) -> Start:
+    img = load_image(image, shape[-2] * backend_factor(backend), shape[-1] * backend_factor(backend))
+    init = backend.encode(img).sample(generator) * scale  # draws from the generator before the noise
+    init = init.repeat(shape[0] // init.shape[0], 1, 1, 1)
+    plan = _skip(plan, steps, strength)
+    return Start(plan.noised(init, noise_fn()), plan)
+
+
+def inpaint(backend, plan, image, mask_image, steps, strength, scale, shape, generator, noise_fn,
+            concat_mask: bool) -> Start:
+    f = backend_factor(backend)
+    img = load_image(image, shape[-2] * f, shape[-1] * f)
+    mask = load_mask(mask_image, img.shape[-2:])
+    reps = shape[0] // img.shape[0]
+    full = strength >= 1.0
+    init = None
+    if not concat_mask or not full:  # the image's own latents are needed (draws before the noise)
+        init = (backend.encode(img).sample(generator) * scale).repeat(reps, 1, 1, 1)
+    noise = noise_fn()
+    run = plan if full else _skip(plan, steps, strength)
+    x = run.initial_latents(noise) if full else run.noised(init, noise)
+    small = F.interpolate(mask, size=shape[-2:]).repeat(reps, 1, 1, 1)  # latent-size mask, nearest
+    if concat_mask:
+        masked = img * (mask < 0.5)
+        masked_latents = (backend.encode(masked).sample(generator) * scale).repeat(reps, 1, 1, 1)
+        return Start(x, run, concat=torch.cat([small, masked_latents], dim=1))
+
+    def blend(info):
+        """Keep the known region: the image's latents noised to the next step's level."""
+        i = info["i"]
+        known = run.tail(i + 1).noised(init, noise) if i + 1 < len(run.timesteps) else init
+        return (1 - small) * known + small * info["x"]
+
+    return Start(x, run, callback=blend)
+
+
+def upscale(backend, plan, image, noise_level, cfg, shape, generator, noise_fn) -> Start:
+    """x4 upscaler: the low-res image (at latent size) gets noise at `noise_level` of its own schedule
+    and is concatenated to the latents; the level is also the UNet's class input."""
+    if not 0 <= noise_level <= cfg.max_noise_level:
+        raise ValueError(f"noise_level must be in [0, {cfg.max_noise_level}], got {noise_level}")
+    low = load_image(image, shape[-2], shape[-1])
+    abar = float(alphas_cumprod_for(cfg.noise_aug_schedule)[noise_level])
+    low = abar ** 0.5 * low + (1 - abar) ** 0.5 * torch.randn(low.shape, generator=generator, dtype=low.dtype)
+    low = low.repeat(shape[0] // low.shape[0], 1, 1, 1)
+    return Start(plan.initial_latents(noise_fn()), plan, concat=low,
+                 class_labels=torch.full((shape[0],), noise_level, dtype=torch.long))
+
+
+def backend_factor(backend) -> int:
+    return backend.model.config.vae.downsampling_factor
