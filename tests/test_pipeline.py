@@ -41,15 +41,18 @@ def test_txt2img_matches_diffusers(style, sampler, pipes, sd1_folder, sd2_folder
     assert np.abs(got - expected).max() <= TOL
 
 
-def test_img2img_matches_diffusers(pipes, sd1_folder):
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(pipes, sd1_folder, sd2_folder, style, sampler):
     import diffusers
 
-    ref = diffusers.StableDiffusionImg2ImgPipeline(**_diffusers(sd1_folder, "ddim").components)
+    folder = sd1_folder if style == "sd1" else sd2_folder
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**_diffusers(folder, sampler).components)
     ref.set_progress_bar_config(disable=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     kw = dict(num_inference_steps=10, strength=0.6, guidance_scale=5.0, output_type="np")
     expected = ref("a red circle", image=image, generator=torch.Generator().manual_seed(4), **kw).images
-    got = pipes["sd1"]("a red circle", image=image, seed=4, progress=False, **kw).images
+    got = pipes[style]("a red circle", image=image, seed=4, sampler=sampler, progress=False, **kw).images
     assert np.abs(got - expected).max() <= TOL
 
 
