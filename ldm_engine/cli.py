@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
+  ldm-generate "a red circle on a blue background"          # the embedded 64x64 shapes model
   ldm-generate "a photo of a cat" --model sd15.safetensors --steps 30 --seed 1 -o cat.png
   ldm-generate "a castle" --model ./sd21-folder --sampler dpmpp_2m_karras --size 768x768 --num 2
   ldm-generate "a dog" --model sd15.safetensors --image in.png --strength 0.6 -o dog.png
@@ -39,11 +40,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-generate", description="Generate images with a latent diffusion model.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default="", help="what to draw")
-    p.add_argument("--model", required=True, type=Path, help="a single-file checkpoint or a diffusers folder")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a single-file checkpoint or a diffusers folder (default: the embedded shapes model)")
     p.add_argument("--config", help="preset name (sd-1.5, sd-2.1-v, ...) or original YAML; default: detect")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; 20 for the embedded model)")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampler (default ddim)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default 7.5; 4 for the embedded model)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -60,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from . import CheckpointError, Pipeline
+    from .defaults import default_model
     from .images import save_png
 
+    embedded = args.model is None
+    args.steps = args.steps if args.steps is not None else (20 if embedded else 30)
+    args.guidance = args.guidance if args.guidance is not None else (4.0 if embedded else 7.5)
     try:
+        args.model = args.model or default_model()
         pipe = Pipeline.from_pretrained(args.model, config=args.config)
         w, h = args.size or (None, None)
         out = pipe(args.prompt or None, negative_prompt=args.negative, height=h, width=w,

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from .backends import make_backend
+from .defaults import default_model
 from . import tasks
 from .images import to_numpy, to_pil, to_tensor
 from .loading import LoadedModel, load_checkpoint
-from .sampling import check_sampler, make_plan, run_sampler
+from .sampling import check_sampler, make_plan, native, run_sampler
 from .vae_tiling import decode_tiled
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,22 @@ def _check_finite(x: torch.Tensor, stage: str) -> None:
 
 
 class Pipeline:
-    def __init__(self, model: LoadedModel, backend="torch", device="cpu", dtype: torch.dtype | None = None):
+    def __init__(self, model: LoadedModel, backend="torch", device="cpu", dtype: torch.dtype | None = None,
+                 scheduler: str = "cpp"):
+        if scheduler not in ("cpp", "python"):
+            raise ValueError(f"scheduler must be 'cpp' (the native loop) or 'python', got {scheduler!r}")
         self.model = model
         self.config = model.config
+        self.scheduler = scheduler
         self.backend = make_backend(backend, model, device, dtype) if isinstance(backend, str) else backend
 
     @classmethod
-    def from_pretrained(cls, path, config=None, backend: str = "torch", dtype: torch.dtype = torch.float32,
-                        device: str = "cpu", use_ema: bool = True) -> "Pipeline":
-        """A pipeline over anything load_checkpoint reads (single file or diffusers folder)."""
-        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=dtype), backend, device, dtype)
+    def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype = torch.float32,
+                        device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp") -> "Pipeline":
+        """A pipeline over anything load_checkpoint reads (single file or diffusers folder); with no path,
+        the embedded default model (64x64 shapes, e.g. "a red circle on a blue background")."""
+        path = default_model() if path is None else path
+        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=dtype), backend, device, dtype, scheduler)
 
     # ---- conditioning ----------------------------------------------------------------------------
 
@@ -75,6 +82,18 @@ class Pipeline:
             raise ValueError(f"{cfg.name} is an inpainting model: pass image and mask_image")
         if cfg.task == "upscale" and image is None:
             raise ValueError(f"{cfg.name} is an upscaler: pass the low-resolution image")
+
+    def _graph_loop_run(self, sampler, raw_model, start, prediction, guided, guidance, eta, generator):
+        """CUDA: every input the captured graph reads must already live on the device."""
+        from .sampling.cuda_graph import CudaGraphLoop
+
+        if getattr(self, "_graphs", None) is None:
+            self._graphs = CudaGraphLoop()
+        dev = self.backend.device
+        if start.concat is not None:
+            start.concat = start.concat.to(dev)
+        return self._graphs.run(sampler, raw_model, start.x.to(dev), start.plan, prediction, guided, guidance, eta,
+                                generator).cpu()
 
     def enable_vae_tiling(self, tile: int = 64, overlap: int = 16) -> None:
         """Decode latents larger than `tile` (latent pixels) in overlapping tiles: bounded memory."""
@@ -165,14 +184,21 @@ class Pipeline:
         else:
             start = tasks.txt2img(plan, noise_fn())
         if start.class_labels is not None:
-            extra["class_labels"] = torch.cat([start.class_labels] * (2 if guided else 1))
+            extra["class_labels"] = torch.cat([start.class_labels] * (2 if guided else 1)).to(self.backend.device)
 
-        def model(x_in: torch.Tensor, t) -> torch.Tensor:
+        def raw_model(x_in: torch.Tensor, t) -> torch.Tensor:
+            """The UNet on the CFG batch: [uncond; cond] outputs when guided."""
             if start.concat is not None:
                 x_in = torch.cat([x_in, start.concat], dim=1)
             if not guided:
                 return self.backend.denoise(x_in, t, context, extra)
-            out_u, out_c = self.backend.denoise(torch.cat([x_in, x_in]), t, torch.cat([uncond, context]), extra).chunk(2)
+            return self.backend.denoise(torch.cat([x_in, x_in]), t, torch.cat([uncond, context]), extra)
+
+        def model(x_in: torch.Tensor, t) -> torch.Tensor:
+            out = raw_model(x_in, t)
+            if not guided:
+                return out
+            out_u, out_c = out.chunk(2)
             return out_u + guidance_scale * (out_c - out_u)
 
         def on_step(info):
@@ -182,8 +208,17 @@ class Pipeline:
                 callback(info)
             return info["x"]
 
-        x = run_sampler(sampler, model, start.x, start.plan, cfg.prediction_type, eta=eta, generator=generator,
-                        callback=on_step, disable=not progress)
+        # The native loop runs whole trajectories; per-step hooks (latent blending, callbacks) need Python.
+        native_ok = (self.scheduler == "cpp" and native.available(sampler) and start.callback is None
+                     and callback is None and cfg.prediction_type in ("eps", "v"))
+        if native_ok and self.backend.device.type == "cuda":
+            x = self._graph_loop_run(sampler, raw_model, start, cfg.prediction_type, guided, guidance_scale, eta, generator)
+        elif native_ok:
+            x = native.run_native(sampler, raw_model, start.x, start.plan, cfg.prediction_type, guided, guidance_scale,
+                                  eta, generator, disable=not progress)
+        else:
+            x = run_sampler(sampler, model, start.x, start.plan, cfg.prediction_type, eta=eta, generator=generator,
+                            callback=on_step, disable=not progress)
         _check_finite(x, "latents after sampling")
         if output_type == "latent":
             return PipelineOutput(x, x, seed)

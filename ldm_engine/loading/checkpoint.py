@@ -11,11 +11,12 @@ from torch import nn
 
 from ..models import (ClassEmbedder, CLIPTextEncoder, CLIPTokenizer, LDMConfig, UNetModel, build_autoencoder,
                       get_preset)
-from ..models.configs import ScheduleConfig
+from ..models.configs import ScheduleConfig, from_dict
 from . import diffusers_config as dc
 from .detect import detect_config
 from .errors import CheckpointError
-from .files import read_state_dict
+from .export import CONFIG_KEY
+from .files import read_metadata, read_state_dict
 from .keymaps import diffusers_unet_to_original, diffusers_vae_to_original, ema_weights, openclip_text_to_reference
 from .modules import load_strict
 from .yaml_config import config_from_yaml
@@ -78,8 +79,20 @@ def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def _config_in_file(path: Path) -> LDMConfig | None:
+    """The LDMConfig a file written by save_single_file carries in its metadata."""
+    text = read_metadata(path).get(CONFIG_KEY)
+    if text is None:
+        return None
+    try:
+        return from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: malformed {CONFIG_KEY} metadata ({e})") from None
+
+
 def _load_single_file(path: Path, cfg: LDMConfig | None, use_ema: bool, dtype) -> LoadedModel:
     sd = read_state_dict(path)
+    cfg = cfg or _config_in_file(path)
     unet_sd = _strip(sd, "model.diffusion_model.")
     if not unet_sd:
         sample = ", ".join(list(sd)[:3])

@@ -99,3 +99,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors; is it a model checkpoint?")
     return tensors
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} for other formats or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
