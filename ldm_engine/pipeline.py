@@ -37,21 +37,27 @@ def _check_finite(x: torch.Tensor, stage: str) -> None:
 
 class Pipeline:
     def __init__(self, model: LoadedModel, backend="torch", device="cpu", dtype: torch.dtype | None = None,
-                 scheduler: str = "cpp"):
+                 scheduler: str = "cpp", **backend_options):
         if scheduler not in ("cpp", "python"):
             raise ValueError(f"scheduler must be 'cpp' (the native loop) or 'python', got {scheduler!r}")
         self.model = model
         self.config = model.config
         self.scheduler = scheduler
-        self.backend = make_backend(backend, model, device, dtype) if isinstance(backend, str) else backend
+        self.vae_tiling: tuple[int, int] | None = None  # (tile, overlap) once enable_vae_tiling() is called
+        self._graphs = None  # CUDA-graph loop, made on first use on a CUDA device
+        self.backend = (make_backend(backend, model, device, dtype, **backend_options) if isinstance(backend, str)
+                        else backend)
 
     @classmethod
     def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype = torch.float32,
-                        device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp") -> "Pipeline":
+                        device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp",
+                        **backend_options) -> "Pipeline":
         """A pipeline over anything load_checkpoint reads (single file or diffusers folder); with no path,
-        the embedded default model (64x64 shapes, e.g. "a red circle on a blue background")."""
+        the embedded default model (64x64 shapes, e.g. "a red circle on a blue background").
+        `backend_options` go to the backend (torch: kernels="triton" swaps in the Triton kernels)."""
         path = default_model() if path is None else path
-        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=dtype), backend, device, dtype, scheduler)
+        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=dtype), backend, device, dtype, scheduler,
+                   **backend_options)
 
     # ---- conditioning ----------------------------------------------------------------------------
 
@@ -87,7 +93,7 @@ class Pipeline:
         """CUDA: every input the captured graph reads must already live on the device."""
         from .sampling.cuda_graph import CudaGraphLoop
 
-        if getattr(self, "_graphs", None) is None:
+        if self._graphs is None:
             self._graphs = CudaGraphLoop()
         dev = self.backend.device
         if start.concat is not None:
@@ -105,9 +111,8 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (tiled when enabled and the latent exceeds a tile)."""
         z = latents / self.config.scale_factor
-        tiling = getattr(self, "vae_tiling", None)
-        if tiling and max(z.shape[-2:]) > tiling[0]:
-            return decode_tiled(self.backend.decode, z, self.config.vae.downsampling_factor, *tiling)
+        if self.vae_tiling and max(z.shape[-2:]) > self.vae_tiling[0]:
+            return decode_tiled(self.backend.decode, z, self.config.vae.downsampling_factor, *self.vae_tiling)
         return self.backend.decode(z)
 
     # ---- generation ------------------------------------------------------------------------------
@@ -186,13 +191,13 @@ class Pipeline:
         if start.class_labels is not None:
             extra["class_labels"] = torch.cat([start.class_labels] * (2 if guided else 1)).to(self.backend.device)
 
+        cfg_context = torch.cat([uncond, context]) if guided else context  # built once, not per step
+
         def raw_model(x_in: torch.Tensor, t) -> torch.Tensor:
             """The UNet on the CFG batch: [uncond; cond] outputs when guided."""
             if start.concat is not None:
                 x_in = torch.cat([x_in, start.concat], dim=1)
-            if not guided:
-                return self.backend.denoise(x_in, t, context, extra)
-            return self.backend.denoise(torch.cat([x_in, x_in]), t, torch.cat([uncond, context]), extra)
+            return self.backend.denoise(torch.cat([x_in, x_in]) if guided else x_in, t, cfg_context, extra)
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             out = raw_model(x_in, t)

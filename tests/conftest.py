@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+
+# Triton kernels run under the interpreter on CPU tensors where there is no GPU; this must be set
+# before any kernel is defined.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -4,19 +4,37 @@ from __future__ import annotations
 import torch
 
 
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class TorchBackend:
     """encode_text(ids) -> context; denoise(z, t, context, extra) -> model output; decode(z) -> image;
     encode(image) -> latent distribution. Latents here are the autoencoder's own (unscaled) ones."""
 
     name = "torch"
 
-    def __init__(self, model, device="cpu", dtype: torch.dtype | None = None):
+    def __init__(self, model, device="cpu", dtype: torch.dtype | None = None, kernels: str | None = "auto"):
         self.model = model
         self.device = torch.device(device)
         self.dtype = dtype or next(model.unet.parameters()).dtype
         for m in (model.unet, model.vae, model.text_encoder, model.class_embedder):
             if m is not None:
                 m.to(self.device, self.dtype)
+        if kernels == "auto":  # the Triton kernels by default where they compile: on CUDA devices
+            kernels = "triton" if self.device.type == "cuda" and _triton_available() else None
+        if kernels not in (None, "triton"):
+            raise ValueError(f"kernels must be None, 'auto' or 'triton', got {kernels!r}")
+        if kernels == "triton":
+            from ..optimize import use_triton_kernels
+
+            use_triton_kernels(model.unet)
+            use_triton_kernels(model.vae)
+        self.kernels = kernels
 
     @torch.no_grad()
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
