@@ -9,12 +9,12 @@ interpreter correctness pass on a few small shapes, and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 
 import torch
+from report import emit
 
 # SD-1.5 at 512x512 (64x64 latents), CFG batch 2: (name, B, H, Nq, Nk, D)
 ATTENTION = [("self 64x64, 320ch", 2, 8, 4096, 4096, 40), ("cross 64x64, 320ch", 2, 8, 4096, 77, 40),
@@ -93,11 +93,7 @@ def main() -> int:
         print("no CUDA device: timing needs a GPU; running the interpreter correctness pass instead")
         os.environ.setdefault("TRITON_INTERPRET", "1")
         rows = interpreter_pass()
-    for r in rows:
-        print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, a.json)
     return 0
 
 

@@ -11,12 +11,12 @@ Medians over --repeat runs; one JSON row per configuration; ratios python / nati
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
+from report import emit
 
 from ldm_engine.models.configs import ScheduleConfig
 from ldm_engine.sampling import make_plan, run_sampler
@@ -56,7 +56,6 @@ def loop_rows(steps: int, repeat: int) -> list[dict]:
 
 
 def end_to_end_rows(steps: int, repeat: int) -> list[dict]:
-    from ldm_engine.loading.modules import load_strict
     from ldm_engine.models import UNetModel
     from ldm_engine.models.configs import UNetConfig
 
@@ -90,11 +89,7 @@ def main() -> int:
     p.add_argument("--json")
     a = p.parse_args()
     rows = loop_rows(a.steps, a.repeat) + end_to_end_rows(min(a.steps, 10), max(1, a.repeat // 2))
-    for r in rows:
-        print(json.dumps(r))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, a.json)
     return 0
 
 

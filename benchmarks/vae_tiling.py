@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from report import emit
+
 
 def run_one(res: int, tile: int | None, overlap: int) -> dict:
     import torch
@@ -51,13 +53,11 @@ def main() -> int:
         out = subprocess.run([sys.executable, __file__, "--one", mode, "--res", str(a.res), "--tile", str(a.tile),
                               "--overlap", str(a.overlap)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]))
+        emit(rows[-1:])
     full, tiled = rows
     print(f"tiled / full peak memory: {tiled['added_peak_mb'] / full['added_peak_mb']:.2f}; "
           f"time: {tiled['decode_s'] / full['decode_s']:.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, a.json, echo=False)
     return 0
 
 

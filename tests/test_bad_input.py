@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from ldm_engine import CheckpointError, get_preset, load_checkpoint
+from ldm_engine import CheckpointError, load_checkpoint
 from ldm_engine.loading.files import read_state_dict
 from test_loading import random_model_file
 
@@ -112,7 +112,6 @@ def test_diffusers_folder_without_weights(sd1_folder, tmp_path):
 # ---- property-based: mutated headers and random bytes ----------------------------------------------
 
 def _valid_bytes():
-    import io
     from safetensors.torch import save
 
     return save({"model.diffusion_model.a": torch.arange(6, dtype=torch.float32).reshape(2, 3),

@@ -24,14 +24,14 @@ def pipe():
 
 def test_generations_pass_the_checker(pipe):
     triples = [("red", "circle", "blue"), ("yellow", "square", "black"), ("green", "triangle", "white"),
-               ("blue", "circle", "orange"), ("white", "square", "purple"), ("black", "triangle", "yellow")]
+               ("blue", "circle", "orange"), ("white", "square", "purple"), ("black", "triangle", "yellow")] * 2
     out = pipe([caption(*t) for t in triples], num_inference_steps=20, guidance_scale=4.0, seed=0, output_type="np",
                progress=False)
     verdicts = [classify((img * 255).round().astype("uint8")) for img in out.images]
     colour = sum(v["colour"] == t[0] for v, t in zip(verdicts, triples))
     shape = sum(v["shape"] == t[1] for v, t in zip(verdicts, triples))
     background = sum(v["background"] == t[2] for v, t in zip(verdicts, triples))
-    assert colour >= 5 and background >= 5 and shape >= 4, verdicts
+    assert colour >= 9 and background >= 10 and shape >= 8, verdicts  # most of the 12
 
 
 def test_cli_uses_the_embedded_model(tmp_path):

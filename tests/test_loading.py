@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_engine import CheckpointError, get_preset, load_checkpoint
+from ldm_engine import get_preset, load_checkpoint
 from ldm_engine.loading.detect import detect_config
 from ldm_engine.models import PRESETS, ClassEmbedder, CLIPTextEncoder, UNetModel, build_autoencoder
 

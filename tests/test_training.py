@@ -1,7 +1,6 @@
 """The shapes dataset, its checker, and the two training stages on tiny configs."""
 import random
 
-import pytest
 import torch
 
 from ldm_engine.models.configs import AutoencoderConfig, TextEncoderConfig, UNetConfig

@@ -1,15 +1,13 @@
 """The reference modules run eagerly by PyTorch."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 class TorchBackend:

@@ -2,7 +2,6 @@
 feed-forward, paper Sec. 3.3) and the ADM-style AttentionBlock of the unconditional LDMs."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -2,7 +2,6 @@
 ones. The swapped modules hold the very same parameters; only their forward changes."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..models import attention as unet_attn

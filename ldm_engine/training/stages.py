@@ -8,7 +8,6 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import AutoencoderKL, CLIPTextEncoder, CLIPTokenizer, UNetModel
