@@ -12,7 +12,7 @@ import torch
 from ldm_engine import _C
 from ldm_engine.models.configs import ScheduleConfig
 from ldm_engine.sampling import make_plan, run_sampler
-from ldm_engine.sampling.native import NATIVE_SAMPLERS, run_native
+from ldm_engine.sampling.native import NATIVE_SAMPLERS, native_name, plan_arrays, run_native
 from ldm_engine.sampling.schedule import alphas_cumprod_for, spaced_timesteps
 
 TOL = 1e-6
@@ -164,15 +164,11 @@ def _fake_noise():
 def _case(tmp_path, name, pred, guided, guidance, eta, steps):
     plan = make_plan(name, steps, ScheduleConfig())
     x = plan.initial_latents(torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(0)))
-    disc = name == "ddim"
-    ts = [float(t) for t in plan.timesteps]
-    abar = [plan.abar(int(t)) for t in plan.timesteps] if disc else []
-    abar_prev = [plan.abar(int(t) - plan.step_stride) for t in plan.timesteps] if disc else []
-    sig = [] if disc else [float(s) for s in plan.sigmas]
+    arr = plan_arrays(name, plan)
     vec = lambda v, fmt="%.17g": f"{len(v)} " + " ".join(fmt % a for a in v)
     f = tmp_path / "case.txt"
-    f.write_text("\n".join([f"{name.replace('_karras', '')} {pred} {int(guided)} {guidance!r} {eta!r}", vec(ts), vec(abar),
-                            vec(abar_prev), vec(sig), vec(x.flatten().tolist(), "%.9g")]) + "\n")
+    f.write_text("\n".join([f"{native_name(name)} {pred} {int(guided)} {guidance!r} {eta!r}", vec(arr["timesteps"]),
+                            vec(arr["abar"]), vec(arr["abar_prev"]), vec(arr["sigmas"]), vec(x.flatten().tolist(), "%.9g")]) + "\n")
     return f, plan, x
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..info import native_extension
+from .native import native_name, plan_arrays
 from .plan import Plan
 
 SAMPLER_IDS = {"ddim": 0, "euler": 1, "euler_a": 2, "dpmpp_2m": 3, "dpmpp_2m_karras": 3}
@@ -30,25 +31,12 @@ def bucket_key(sampler: str, shape: tuple, steps: int, guided: bool, prediction:
     return (SAMPLER_IDS[sampler], tuple(int(s) for s in shape), int(steps), bool(guided), PREDICTION_IDS[prediction])
 
 
-def plan_arrays(sampler: str, plan: Plan) -> dict:
-    """The plan as the native loop consumes it: timesteps, DDIM's alpha-bars or the noise levels."""
-    discrete = SAMPLER_IDS[sampler] == 0
-    ts = plan.timesteps
-    return {
-        "timesteps": [float(t) for t in ts],
-        "abar": [plan.abar(int(t)) for t in ts] if discrete else [],
-        "abar_prev": [plan.abar(int(t) - plan.step_stride) for t in ts] if discrete else [],
-        "sigmas": [] if discrete else [float(s) for s in plan.sigmas],
-    }
-
-
 def step_table(sampler: str, plan: Plan, eta: float = 0.0) -> np.ndarray:
     """(steps, 16) float32 per-step coefficients (the native StepCoef layout), uploaded once per run."""
     ext = native_extension()
     if ext is None:
         raise RuntimeError("the native extension ldm_engine._C is not built")
-    name = "dpmpp_2m" if sampler == "dpmpp_2m_karras" else sampler
-    return np.asarray(ext.step_table(name, eta=eta, **plan_arrays(sampler, plan)))
+    return np.asarray(ext.step_table(native_name(sampler), eta=eta, **plan_arrays(sampler, plan)))
 
 
 @dataclass
