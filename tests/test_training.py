@@ -50,6 +50,6 @@ def test_training_stages_reduce_their_losses():
     unet_cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                           num_head_channels=8, context_dim=16, norm_groups=4)
     text_cfg = TextEncoderConfig(width=16, layers=1, heads=2, intermediate_size=32)
-    unet, text, curve = train_ldm(ae, 1.0, 40, batch=8, lr=2e-3, unet_cfg=unet_cfg, text_cfg=text_cfg, log_every=1000)
+    unet, text, curve = train_ldm(ae, 1.0, 40, batch=8, lr=2e-3, pool_size=256, unet_cfg=unet_cfg, text_cfg=text_cfg, log_every=1000)
     assert _falls(curve)
     assert not unet.training and not any(p.requires_grad for p in text.parameters())

@@ -23,7 +23,7 @@ from ..models import AutoencoderKL
 from ..models.configs import to_dict
 from .stages import AE_CONFIG, latent_scale, model_config, train_autoencoder, train_ldm
 
-AE_STEPS, LDM_STEPS = 1000, 2200
+AE_STEPS, LDM_STEPS = 1000, 3000
 
 
 def _tail_mean(curve: list[float], n: int = 50) -> float:

@@ -71,17 +71,45 @@ def latent_scale(ae: AutoencoderKL, n: int = 512, seed: int = 1) -> float:
     return float(1.0 / ae.encode(x).sample(torch.Generator().manual_seed(seed)).std())
 
 
+class LatentPool:
+    """A fixed pool of training images, encoded once: the posterior (mean, std) of every image and its
+    caption. Each draw samples fresh latents z = mean + std * noise, so the encoder's cost (a sixth of a
+    training step when paid per batch) is paid once per image instead of once per use."""
+
+    def __init__(self, ae: AutoencoderKL, size: int, seed: int, chunk: int = 256):
+        rng = random.Random(seed)
+        means, stds, self.captions = [], [], []
+        for start in tqdm(range(0, size, chunk), desc="encoding latent pool"):
+            images, captions, _ = sample_batch(min(chunk, size - start), rng)
+            with torch.no_grad():
+                post = ae.encode(to_tensor(images))
+            means.append(post.mean)
+            stds.append(post.std)
+            self.captions.extend(captions)
+        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (size, z, h, w) each
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def draw(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.randint(0, len(self), (batch,), generator=gen)
+        mean = self.mean[idx]
+        return mean + self.std[idx] * torch.randn(mean.shape, generator=gen), [self.captions[i] for i in idx.tolist()]
+
+
 def train_ldm(ae: AutoencoderKL, scale: float, steps: int, batch: int = 64, lr: float = 8e-4, seed: int = 0,
               cond_drop: float = 0.1, ema_decay: float = 0.998, min_snr: float = 5.0, log_every: int = 100,
-              unet_cfg: UNetConfig = UNET_CONFIG, text_cfg: TextEncoderConfig = TEXT_CONFIG,
+              pool_size: int = 32768, unet_cfg: UNetConfig = UNET_CONFIG, text_cfg: TextEncoderConfig = TEXT_CONFIG,
               schedule: ScheduleConfig = ScheduleConfig()):
     """Stage 2, latent diffusion: eps-prediction loss on scaled latents; the text encoder (tau) and the
     UNet (eps) are optimized together; 10 % of captions are dropped to "" for classifier-free guidance.
     The per-sample loss is weighted by min(SNR, min_snr) / SNR (Min-SNR, Hang et al. 2023), which stops
-    the nearly-clean timesteps from dominating and converges faster. Returns EMA copies of the UNet and
-    text encoder and the loss curve."""
+    the nearly-clean timesteps from dominating and converges faster. Batches come from a `LatentPool`
+    of `pool_size` encoded images. Returns EMA copies of the UNet and text encoder and the loss curve."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    pool = LatentPool(ae, pool_size, seed)
+    gen = torch.Generator().manual_seed(seed)
     unet, text = UNetModel(unet_cfg).train(), CLIPTextEncoder(text_cfg).train()
     tokenizer = CLIPTokenizer(pad_token_id=text_cfg.pad_token_id)
     ids_cache: dict[str, torch.Tensor] = {}
@@ -102,10 +130,9 @@ def train_ldm(ae: AutoencoderKL, scale: float, steps: int, batch: int = 64, lr: 
     curve = []
     bar = tqdm(range(1, steps + 1), desc="latent diffusion")
     for step in bar:
-        images, captions, _ = sample_batch(batch, rng)
+        z0, captions = pool.draw(batch, gen)
+        z0 = z0 * scale
         captions = ["" if rng.random() < cond_drop else c for c in captions]
-        with torch.no_grad():
-            z0 = ae.encode(to_tensor(images)).sample() * scale
         t = torch.randint(0, schedule.num_train_timesteps, (batch,))
         eps = torch.randn_like(z0)
         a = abar[t].view(-1, 1, 1, 1)
