@@ -24,6 +24,7 @@ def build_info() -> dict:
     import torch
 
     from . import __version__
+    from .export.cache import cache_root
 
     ext = native_extension()
     cuda = torch.cuda.is_available()
@@ -39,4 +40,5 @@ def build_info() -> dict:
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "openvino": _version("openvino"),
         "tensorrt": _version("tensorrt"),
+        "artifact_cache": str(cache_root()),  # exported graphs and engines ($LDM_ENGINE_CACHE overrides)
     }

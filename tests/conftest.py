@@ -126,3 +126,17 @@ def save_diffusers_folder(root, style: str, **unet_overrides):
              "safety_checker": [None, None], "feature_extractor": [None, None]}
     (root / "model_index.json").write_text(json.dumps(index))
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_artifact_cache(tmp_path_factory):
+    """Exports made by the tests go to a fresh cache folder, never the user's."""
+    os.environ["LDM_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("artifact_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1():
+    from ldm_engine.loading import random_model
+
+    return random_model("tiny-sd1")

@@ -221,3 +221,23 @@ def _pad_id(tok_dir: Path) -> int:
             if pad in vocab:
                 return vocab[pad]
     return vocab["<|endoftext|>"]
+
+
+def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A model of the given architecture (preset name, YAML or LDMConfig) with random weights: for
+    benchmarks, whose timings do not depend on weight values, and for tests."""
+    cfg = resolve_config(config)
+    if cfg is None:
+        raise ValueError("random_model needs an architecture: a preset name, a YAML path or an LDMConfig")
+    torch.manual_seed(seed)
+    text_encoder = tokenizer = class_embedder = None
+    if cfg.conditioning == "text":
+        text_encoder = CLIPTextEncoder(cfg.text_encoder)
+        tokenizer = CLIPTokenizer(None, max_length=cfg.text_encoder.max_length, pad_token_id=cfg.text_encoder.pad_token_id)
+    elif cfg.conditioning == "class":
+        class_embedder = ClassEmbedder(cfg.num_classes, cfg.unet.context_dim)
+    mods = [UNetModel(cfg.unet), build_autoencoder(cfg.vae), text_encoder, class_embedder]
+    for m in mods:
+        if m is not None:
+            m.to(dtype).eval().requires_grad_(False)
+    return LoadedModel(cfg, mods[0], mods[1], text_encoder, tokenizer, class_embedder, Path(f"<random {cfg.name}>"))

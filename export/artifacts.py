@@ -1,0 +1,49 @@
+"""ONNX graphs of a loaded model, exported on first use into the artifact cache."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .cache import ArtifactCache, artifact_key, weights_hash
+from .graphs import Shape
+from .onnx_export import OPSET, export_component
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+_]", "_", text)
+
+
+def component_module(model, component: str) -> torch.nn.Module:
+    return {"text_encoder": model.text_encoder, "unet": model.unet}.get(component, model.vae)
+
+
+def onnx_runtime_tag() -> str:
+    """What the exported bytes depend on besides the weights: this package, the exporter and the opset."""
+    from .. import __version__
+
+    return _safe(f"ldm{__version__}_torch{torch.__version__.split('+')[0]}_opset{OPSET}")
+
+
+def onnx_key(model, component: str, dtype: str = "fp32", shape: Shape | None = None) -> str:
+    module = component_module(model, component)
+    part_config = {"unet": model.config.unet, "vae_decoder": model.config.vae, "vae_encoder": model.config.vae,
+                   "text_encoder": model.config.text_encoder}[component]
+    return artifact_key(component, weights_hash(module, part_config), shape.tag() if shape else "dynamic", dtype,
+                        onnx_runtime_tag())
+
+
+def onnx_artifact(model, component: str, dtype: str = "fp32", shape: Shape | None = None,
+                  cache: ArtifactCache | None = None, progress: bool = True) -> Path:
+    """Path of `component`'s ONNX graph (model.onnx, maybe with model.onnx.data beside it) in the
+    cache, exported now when missing or damaged."""
+    cache = cache or ArtifactCache()
+    key = onnx_key(model, component, dtype, shape)
+
+    def build(folder: Path) -> dict:
+        export_component(model, component, folder / "model.onnx", dtype, shape, progress=progress)
+        return {"component": component, "dtype": dtype, "shape": shape.tag() if shape else "dynamic",
+                "source": str(model.source)}
+
+    return cache.get_or_build("onnx", key, build) / "model.onnx"

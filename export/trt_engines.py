@@ -1,0 +1,233 @@
+"""TensorRT engines from the exported ONNX graphs.
+
+Everything up to the builder call is plain Python and unit-tested without a GPU: reading a graph's
+inputs and metadata, optimization profiles (min/opt/max shapes, the UNet and text encoder sized for
+the classifier-free-guidance batch, 2 x images), the precision plan per TensorRT version, the engine
+side file (TensorRT version, GPU, shapes, source hash) and its check at load time. `build_engine`
+is the thin part that needs tensorrt and a CUDA device.
+
+Precision: TensorRT 11 networks are strongly typed, so an fp16/bf16 engine comes from a graph exported
+in that dtype (`export_onnx.py --dtype fp16`); TensorRT 10 can still lower an fp32 graph with a
+builder flag.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .graphs import Shape
+
+ENGINE_SUFFIX = ".plan"
+SIDE_SUFFIX = ".json"
+# the batch axis of these components carries the CFG pair: prompts and negatives in one call
+CFG_COMPONENTS = ("unet", "text_encoder")
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be used here (built for another TensorRT, GPU, graph or shape)."""
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What build_trt.py needs to know of an exported graph."""
+
+    component: str
+    inputs: dict[str, list]  # name -> dims, each an int or a symbolic name ("batch", "height", ...)
+    dtype: str  # the dtype it was exported in (fp32 / fp16 / bf16)
+    downsampling_factor: int
+    context_tokens: int
+    source_hash: str  # digest of the graph file (its weights included when stored beside it)
+    static_shape: str = "dynamic"  # or the Shape tag a static graph was exported for
+    pixel_multiple: int = 8  # image sides must divide by this (autoencoder factor x UNet downsamplings)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def read_graph(path: str | Path) -> GraphInfo:
+    """Inputs, dims and ldm_engine metadata of an exported graph (weights are not loaded)."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "ldm_engine.component" not in meta:
+        raise EngineError(f"{path} was not exported by ldm_engine (no ldm_engine metadata); export it with "
+                          "python export/export_onnx.py")
+    inputs = {}
+    for inp in proto.graph.input:
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in inp.type.tensor_type.shape.dim]
+        inputs[inp.name] = dims
+    return GraphInfo(meta["ldm_engine.component"], inputs, meta.get("ldm_engine.dtype", "fp32"),
+                     int(meta["ldm_engine.downsampling_factor"]), int(meta["ldm_engine.context_tokens"]),
+                     file_digest(path), meta.get("ldm_engine.shape", "dynamic"),
+                     int(meta.get("ldm_engine.pixel_multiple", meta["ldm_engine.downsampling_factor"])))
+
+
+def input_shape(info: GraphInfo, name: str, shape: Shape) -> tuple[int, ...]:
+    """The concrete shape of input `name` for images of `shape` (symbolic dims filled in)."""
+    f, m = info.downsampling_factor, info.pixel_multiple
+    if shape.height % m or shape.width % m:
+        raise ValueError(f"{shape.height}x{shape.width}: image sides must be multiples of {m} for this model")
+    pixel = info.component == "vae_encoder"
+    fill = {"batch": shape.batch * (2 if info.component in CFG_COMPONENTS else 1),
+            "height": shape.height if pixel else shape.height // f,
+            "width": shape.width if pixel else shape.width // f,
+            "tokens": info.context_tokens}
+    dims = []
+    for d in info.inputs[name]:
+        if isinstance(d, str):
+            if d not in fill:
+                raise EngineError(f"{info.component}: input {name} has an unknown dynamic axis {d!r}")
+            dims.append(fill[d])
+        else:
+            dims.append(int(d))
+    return tuple(dims)
+
+
+def profile_for(info: GraphInfo, lo: Shape, opt: Shape, hi: Shape) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """{input: (min, opt, max)} for one optimization profile. Checks min <= opt <= max per axis and
+    that a static graph is only asked for its own shape."""
+    for name, a, b in (("min", lo, opt), ("opt", opt, hi)):
+        if a.height > b.height or a.width > b.width or a.batch > b.batch:
+            raise ValueError(f"shapes must grow from min to opt to max; {name} {a.tag()} exceeds the next, {b.tag()}")
+    if info.static_shape != "dynamic" and any(s.tag() != info.static_shape for s in (lo, opt, hi)):
+        h, _, rest = info.static_shape.partition("x")
+        w, _, b = rest.partition("b")
+        raise ValueError(f"{info.component} was exported with static shapes for {info.static_shape}; build it "
+                         f"with --static {h}x{w},{b} (or export dynamic graphs)")
+    return {name: tuple(input_shape(info, name, s) for s in (lo, opt, hi)) for name in info.inputs}
+
+
+def resolve_shapes(static: Shape | None, lo: Shape | None, opt: Shape | None, hi: Shape | None,
+                   default: Shape) -> tuple[Shape, Shape, Shape]:
+    """The (min, opt, max) image shapes from the command line: --static alone, or any of --min/--opt/--max
+    (a missing --opt is --max, else --min, else `default`; a missing
+    --min or --max is --opt)."""
+    if static is not None:
+        if lo or opt or hi:
+            raise ValueError("give --static or --min/--opt/--max, not both")
+        return static, static, static
+    opt = opt or hi or lo or default
+    return lo or opt, opt, hi or opt
+
+
+def precision_plan(trt_major: int, graph_dtype: str, requested: str) -> str | None:
+    """The builder flag to set (TensorRT 10, weakly typed), or None when the graph's own types decide
+    (strongly typed: always on TensorRT 11). Refuses what this TensorRT cannot do with this graph."""
+    if requested not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {requested!r}")
+    if requested == graph_dtype:
+        return None
+    if graph_dtype != "fp32":
+        raise ValueError(f"the graph was exported in {graph_dtype}; it cannot build a {requested} engine")
+    if trt_major >= 11:
+        raise ValueError(f"TensorRT {trt_major} builds strongly typed networks only: export the graphs with "
+                         f"--dtype {requested} for a {requested} engine")
+    return requested.upper()  # BuilderFlag.FP16 / BuilderFlag.BF16
+
+
+def side_file(engine: Path) -> Path:
+    return engine.with_suffix(SIDE_SUFFIX)
+
+
+def engine_record(info: GraphInfo, profile: dict, precision: str, trt_version: str, gpu: str,
+                  refit: bool) -> dict:
+    return {"component": info.component, "tensorrt": trt_version, "gpu": gpu, "precision": precision,
+            "source_hash": info.source_hash, "refit": refit,
+            "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()}}
+
+
+def write_record(engine: Path, record: dict) -> None:
+    side_file(engine).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def check_record(engine: Path, trt_version: str, gpu: str, source_hash: str | None = None) -> dict:
+    """The engine's side file, after checking that it was built by this TensorRT on this GPU (and from
+    this graph, when `source_hash` is given). Raises EngineError naming the mismatch and the fix."""
+    path = side_file(engine)
+    if not Path(engine).is_file():
+        raise EngineError(f"{engine} is missing: build it with python export/build_trt.py")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise EngineError(f"{path} (the engine's side file) is missing or unreadable: rebuild the engine with "
+                          "python export/build_trt.py") from None
+    problems = []
+    if record.get("tensorrt") != trt_version:
+        problems.append(f"built by TensorRT {record.get('tensorrt')}, this is {trt_version}")
+    if record.get("gpu") != gpu:
+        problems.append(f"built for {record.get('gpu')}, this GPU is {gpu}")
+    if source_hash is not None and record.get("source_hash") != source_hash:
+        problems.append("built from a different ONNX graph")
+    if problems:
+        raise EngineError(f"{engine}: {'; '.join(problems)}; rebuild it with python export/build_trt.py")
+    return record
+
+
+def fits_profile(record: dict, shapes: dict[str, tuple]) -> bool:
+    """Whether every input shape lies within the engine's profile."""
+    for name, shape in shapes.items():
+        lo, _, hi = record["profile"][name]
+        if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+            return False
+    return True
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profile: dict, precision: str, info: GraphInfo,
+                 timing_cache: Path | None = None, refit: bool = False, workspace_gb: float = 8.0) -> dict:
+    """Build and serialize one engine (needs tensorrt and a CUDA device). Writes the engine through a
+    temporary file and its side file last; updates the timing cache. Returns the side-file record."""
+    import os
+
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    flag = precision_plan(major, info.dtype, precision)
+    flags = 0
+    if flag is None and major < 11:  # the graph's types decide; TensorRT 11 is always strongly typed
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if flag is not None:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        opt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, engine_path)
+    if timing_cache:
+        tmp = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        os.replace(tmp, timing_cache)
+    record = engine_record(info, profile, precision, trt.__version__, torch.cuda.get_device_name(), refit)
+    write_record(engine_path, record)
+    return record
