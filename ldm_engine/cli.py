@@ -56,7 +56,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-label", type=int, default=None, help="class for class-conditional models")
     p.add_argument("--num", type=int, default=1, help="images to generate (default 1)")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output PNG (numbered when --num > 1)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino", "tensorrt"],
+                   help="runtime (default torch; the graph backends export on first use into the artifact cache)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="precision (default: the backend's own: fp32 for torch and onnxruntime, bf16 for openvino "
+                        "where the CPU has it, fp16 for tensorrt)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     args.guidance = args.guidance if args.guidance is not None else (4.0 if embedded else 7.5)
     try:
         args.model = args.model or default_model()
-        pipe = Pipeline.from_pretrained(args.model, config=args.config)
+        pipe = Pipeline.from_pretrained(args.model, config=args.config, backend=args.backend,
+                                        dtype=_dtype(args.dtype), device=args.device)
         w, h = args.size or (None, None)
         out = pipe(args.prompt or None, negative_prompt=args.negative, height=h, width=w,
                    num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                    seed=args.seed, num_images_per_prompt=args.num, image=args.image, mask_image=args.mask,
                    strength=args.strength, class_label=args.class_label)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"ldm-generate: error: {e}", file=sys.stderr)
         return 2
     params = {"prompt": args.prompt, "negative": args.negative or "", "steps": args.steps, "sampler": args.sampler,

@@ -49,15 +49,18 @@ class Pipeline:
                         else backend)
 
     @classmethod
-    def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype = torch.float32,
+    def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype | None = None,
                         device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp",
                         **backend_options) -> "Pipeline":
         """A pipeline over anything load_checkpoint reads (single file or diffusers folder); with no path,
         the embedded default model (64x64 shapes, e.g. "a red circle on a blue background").
-        `backend_options` go to the backend (torch: kernels="triton" swaps in the Triton kernels)."""
+        `dtype` None: the backend's own default (torch: float32; openvino: bf16 where the CPU has it).
+        `backend_options` go to the backend (torch: kernels="triton" swaps in the Triton kernels;
+        onnxruntime/openvino: onnx_dir, cache_dir, threads; openvino: reshape)."""
         path = default_model() if path is None else path
-        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=dtype), backend, device, dtype, scheduler,
-                   **backend_options)
+        weights_dtype = dtype if backend == "torch" and dtype is not None else torch.float32  # graphs export from fp32
+        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=weights_dtype), backend, device, dtype,
+                   scheduler, **backend_options)
 
     # ---- conditioning ----------------------------------------------------------------------------
 
@@ -216,7 +219,7 @@ class Pipeline:
         # The native loop runs whole trajectories; per-step hooks (latent blending, callbacks) need Python.
         native_ok = (self.scheduler == "cpp" and native.available(sampler) and start.callback is None
                      and callback is None and cfg.prediction_type in ("eps", "v"))
-        if native_ok and self.backend.device.type == "cuda":
+        if native_ok and self.backend.device.type == "cuda" and getattr(self.backend, "graph_capturable", False):
             x = self._graph_loop_run(sampler, raw_model, start, cfg.prediction_type, guided, guidance_scale, eta, generator)
         elif native_ok:
             x = native.run_native(sampler, raw_model, start.x, start.plan, cfg.prediction_type, guided, guidance_scale,

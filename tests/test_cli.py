@@ -28,3 +28,18 @@ def test_bad_input_is_one_line_and_exit_2(sd1_folder, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["x", "--model", str(sd1_folder), "--size", "10x16", "--steps", "1"]) == 2
     assert "multiple of 4" in capsys.readouterr().err
+
+
+def test_graph_backends_generate_the_same_picture(sd1_folder, tmp_path, capsys):
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    common = ["a photo of a cat", "--model", str(sd1_folder), "--steps", "2", "--seed", "5", "--size", "16x16"]
+    assert main(common + ["-o", str(tmp_path / "torch.png")]) == 0
+    assert main(common + ["--backend", "onnxruntime", "-o", str(tmp_path / "ort.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float32) for n in ("torch", "ort"))
+    assert np.abs(a - b).max() <= 2  # 8-bit pixels: at most a rounding step apart
+    capsys.readouterr()
+    assert main(common + ["--backend", "tensorrt", "--device", "cuda", "-o", str(tmp_path / "t.png")]) == 2
+    assert "TensorRT" in capsys.readouterr().err

@@ -1,12 +1,40 @@
-"""Backends: the same three callables (text encoder, UNet, autoencoder) served by different runtimes."""
+"""Backends: the same callables (text encoder, UNet, autoencoder) served by different runtimes.
+
+    torch        the reference modules, eagerly (Triton kernels swapped in on CUDA)
+    onnxruntime  the exported ONNX graphs on ONNX Runtime
+    openvino     the exported ONNX graphs on OpenVINO (bf16 where the CPU supports it)
+    tensorrt     engines built by `python export/build_trt.py`, on a CUDA GPU
+"""
+from __future__ import annotations
+
 from .torch_backend import TorchBackend
 
-BACKENDS = {"torch": TorchBackend}
+
+def _onnxruntime(*a, **k):
+    from .onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(*a, **k)
+
+
+def _openvino(*a, **k):
+    from .openvino_backend import OpenVINOBackend
+
+    return OpenVINOBackend(*a, **k)
+
+
+def _tensorrt(*a, **k):
+    from .tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(*a, **k)
+
+
+# constructors import their runtime only when chosen: `import ldm_engine` needs none of them
+BACKENDS = {"torch": TorchBackend, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}
 
 
 def make_backend(name: str, model, device="cpu", dtype=None, **options):
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; available here: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return BACKENDS[name](model, device=device, dtype=dtype, **options)
 
 

@@ -15,6 +15,7 @@ class TorchBackend:
     encode(image) -> latent distribution. Latents here are the autoencoder's own (unscaled) ones."""
 
     name = "torch"
+    graph_capturable = True  # its calls can be recorded into the pipeline's CUDA graph
 
     def __init__(self, model, device="cpu", dtype: torch.dtype | None = None, kernels: str | None = "auto"):
         self.model = model

@@ -1,0 +1,128 @@
+"""What the ONNX-graph backends (ONNX Runtime, OpenVINO) share: where the graphs come from, and the
+backend interface (encode_text / denoise / decode / encode / embed_class) written once on top of a
+runtime's `_run(component, feeds) -> array`.
+
+Graphs come from `onnx_dir` (a folder written by `python export/export_onnx.py`, holding
+<component>.onnx) or else from the artifact cache, exported from the loaded model on first use.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.autoencoder import DiagonalGaussian, Deterministic
+
+
+def physical_cores() -> int:
+    """Cores, not hardware threads: one inference thread per core is fastest for these graphs."""
+    try:
+        seen = set()
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    seen.add((phys, core))
+        allowed = len(os.sched_getaffinity(0))
+        if seen:
+            return max(1, min(len(seen), allowed))
+    except (OSError, AttributeError):
+        pass
+    return os.cpu_count() or 1
+
+
+class GraphBackend:
+    """Base of the ONNX-graph backends. Tensors in and out are CPU float32 torch tensors (int64 for ids
+    and labels); latents are the autoencoder's own, unscaled ones, as with the torch backend."""
+
+    name = "graph"
+    graph_capturable = False  # the runtime owns its own streams: never inside the pipeline's CUDA graph
+
+    def __init__(self, model, device="cpu", onnx_dir: str | os.PathLike | None = None, cache_dir=None,
+                 progress: bool = True):
+        from ..export.graphs import available_components
+
+        self.model = model
+        self.device = torch.device(device)
+        self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
+        self.progress = progress
+        self._components = available_components(model)
+        self._cache = None
+        if self.onnx_dir is None:
+            from ..export.cache import ArtifactCache
+
+            self._cache = ArtifactCache(cache_dir)
+        elif not self.onnx_dir.is_dir():
+            raise FileNotFoundError(f"onnx_dir {self.onnx_dir} is not a folder; export one with "
+                                    f"python export/export_onnx.py --model MODEL --out {self.onnx_dir}")
+
+    # ---- where graphs come from ------------------------------------------------------------------
+
+    def graph_path(self, component: str) -> Path:
+        if component not in self._components:
+            raise ValueError(f"this model has no {component}")
+        if self.onnx_dir is not None:
+            path = self.onnx_dir / f"{component}.onnx"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; export it with python export/export_onnx.py "
+                                        f"--model MODEL --out {self.onnx_dir}")
+            return path
+        from ..export.artifacts import onnx_artifact
+
+        return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress)
+
+    def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    # ---- the backend interface -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run("text_encoder", {"input_ids": _np(ids, np.int64)}))
+
+    @torch.no_grad()
+    def embed_class(self, labels: torch.Tensor) -> torch.Tensor:
+        # a table lookup of (B,) labels -> (B, 1, D): no graph runtime is worth its call overhead here
+        return self.model.class_embedder(labels.cpu()).float()
+
+    @torch.no_grad()
+    def denoise(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None = None) -> torch.Tensor:
+        extra = extra or {}
+        b = z.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32).cpu()
+        feeds = {"sample": _np(z, np.float32), "timestep": np.ascontiguousarray(np.broadcast_to(t.numpy(), (b,)))}
+        if self.model.config.unet.context_dim:
+            if context is None:
+                raise ValueError("this UNet is conditioned: denoise needs a context")
+            feeds["context"] = _np(context, np.float32)
+        if self.model.config.unet.num_classes is not None:
+            labels = extra.get("class_labels")
+            if labels is None:
+                raise ValueError("this UNet takes class labels (or noise levels): pass extra={'class_labels': ...}")
+            feeds["class_labels"] = _np(labels, np.int64)
+        return torch.from_numpy(self._run("unet", feeds))
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._run("vae_decoder", {"latent": _np(z, np.float32)}))
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor):
+        f = self.model.config.vae.downsampling_factor
+        if image.ndim != 4 or image.shape[1] != 3 or image.shape[2] % f or image.shape[3] % f:
+            raise ValueError(f"image must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(image.shape)}")
+        out = torch.from_numpy(self._run("vae_encoder", {"image": _np(image, np.float32)}))
+        return DiagonalGaussian(out) if self.model.config.vae.kind == "kl" else Deterministic(out)
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    """A C-contiguous numpy view (or copy, when the dtype or device differs) of a tensor."""
+    t = t.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+        t = t.float()
+    return np.ascontiguousarray(t.numpy().astype(dtype, copy=False))

@@ -1,0 +1,142 @@
+"""The exported ONNX graphs run by OpenVINO on the CPU: bf16 inference precision where the CPU has
+bf16 instructions (AVX512_BF16 / AMX), f32 otherwise or on request; each graph is reshaped to the
+static shape of the call and compiled for it (OpenVINO's fastest mode on CPUs)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .graph_backend import GraphBackend, physical_cores
+
+RESHAPE_MODES = ("auto", "fixed", "dynamic")
+_PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeError("backend='openvino' needs OpenVINO: pip install 'ldm_engine[openvino]'") from None
+    return openvino
+
+
+def cpu_supports_bf16(core) -> bool:
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def inference_precision(dtype: torch.dtype | None, bf16_ok: bool) -> str:
+    """dtype None: bf16 where the CPU supports it, else f32; an explicit dtype is honoured or refused."""
+    if dtype is None:
+        return "bf16" if bf16_ok else "f32"
+    if dtype not in _PRECISIONS:
+        raise ValueError(f"backend='openvino' runs float32, bfloat16 or float16, got dtype={dtype}")
+    if dtype == torch.bfloat16 and not bf16_ok:
+        raise ValueError("this CPU has no bf16 instructions (AVX512_BF16 or AMX): use dtype=torch.float32")
+    return _PRECISIONS[dtype]
+
+
+class OpenVINOBackend(GraphBackend):
+    """`reshape`: 'auto' compiles a static graph per input shape (kept for the last few shapes);
+    'fixed' compiles for the first shape and refuses others with an error; 'dynamic' compiles once
+    with dynamic shapes (slower per call, no recompiles)."""
+
+    name = "openvino"
+    KEEP_SHAPES = 4  # compiled shapes kept per component
+
+    def __init__(self, model, device="cpu", dtype: torch.dtype | None = None, reshape: str = "auto",
+                 threads: int | None = None, onnx_dir=None, cache_dir=None,
+                 progress: bool = True):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"backend='openvino' runs on the CPU here, got device={device!r}")
+        if reshape not in RESHAPE_MODES:
+            raise ValueError(f"reshape must be one of {', '.join(RESHAPE_MODES)}, got {reshape!r}")
+        super().__init__(model, device, onnx_dir, cache_dir, progress)
+        ov = _ov()
+        self.ov = ov
+        self.core = ov.Core()
+        self.precision = inference_precision(dtype, cpu_supports_bf16(self.core))
+        self.dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[self.precision]
+        self.reshape = reshape
+        self.threads = threads or physical_cores()
+        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": self.threads}
+        # OpenVINO's CACHE_DIR (compiled blobs on disk) is left off: blobs it reloaded for these graphs after a
+        # static reshape gave NaN outputs where a fresh compile of the same graph was correct
+        self._models: dict[str, object] = {}
+        self._embed_outside = False  # the UNet graph takes the timestep embedding (see _embedding_as_input)
+        self._compiled: dict[str, OrderedDict] = {}
+
+    def _read(self, component: str):
+        if component not in self._models:
+            model = self.core.read_model(str(self.graph_path(component)))
+            if component == "unet" and self.precision != "f32":
+                model = self._embedding_as_input(model)
+            self._models[component] = model
+        return self._models[component]
+
+    def _embedding_as_input(self, model):
+        """Cut the sinusoidal timestep embedding out of the UNet graph; it is fed in, computed in f32.
+        Under a bf16 precision hint OpenVINO rounds t * freq to 8 significant bits before cos/sin (at
+        t = 999 the phase is off by up to 2 radians), which alone made the tiny UNets' output differ
+        by 0.06 from torch; the rest of the graph in bf16 differs by less than 0.001."""
+        ov = self.ov
+        timestep = next(p for p in model.get_parameters() if p.get_friendly_name() == "timestep")
+        todo, concat = [timestep], None
+        while todo and concat is None:
+            node = todo.pop(0)
+            for out in node.outputs():
+                for target in out.get_target_inputs():
+                    user = target.get_node()
+                    kinds = {i.get_source_output().get_node().get_type_name() for i in user.inputs()}
+                    if user.get_type_name() == "Concat" and kinds == {"Cos", "Sin"}:
+                        concat = user
+                    todo.append(user)
+        if concat is None:  # not the layout this package exports: leave the graph as it is
+            return model
+        embedding = ov.opset13.parameter(concat.output(0).get_partial_shape(), ov.Type.f32, name="timestep_embedding")
+        for target in list(concat.output(0).get_target_inputs()):
+            target.replace_source_output(embedding.output(0))
+        params = [p for p in model.get_parameters() if p.get_friendly_name() != "timestep"] + [embedding]
+        self._embed_outside = True
+        return ov.Model(model.get_results(), params, model.get_friendly_name())
+
+    def compiled(self, component: str, shapes: dict[str, tuple]):
+        """The compiled graph for these input shapes (compiling it on first use)."""
+        known = self._compiled.setdefault(component, OrderedDict())
+        key = "dynamic" if self.reshape == "dynamic" else tuple(sorted(shapes.items()))
+        if key in known:
+            known.move_to_end(key)
+            return known[key]
+        if self.reshape == "fixed" and known:
+            (have,) = known
+            raise ValueError(f"the OpenVINO {component} graph was compiled for {dict(have)}, and this call has "
+                             f"{shapes}; make the backend with reshape='auto' to recompile for new sizes")
+        model = self._read(component)
+        if key != "dynamic":
+            model = model.clone()
+            model.reshape({name: self.ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        config = dict(self.config)
+        if component == "text_encoder" or (component == "vae_decoder" and self.model.config.vae.kind == "vq"):
+            # These run once per generation and decide a lot: the text encoder's output conditions every
+            # step, and a VQ decoder snaps latents to the nearest codebook entry, which bf16 distances
+            # get wrong (tiny VQ model: 27.8 dB against torch in bf16). Kept f32.
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        compiled = self.core.compile_model(model, "CPU", config)
+        known[key] = (compiled, compiled.create_infer_request())
+        while len(known) > self.KEEP_SHAPES:
+            known.popitem(last=False)
+        return known[key]
+
+    def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if component == "unet":
+            self._read("unet")
+            if self._embed_outside:
+                from ..models.unet import timestep_embedding
+
+                t = torch.from_numpy(feeds.pop("timestep"))
+                feeds["timestep_embedding"] = timestep_embedding(t, self.model.config.unet.model_channels).numpy()
+        _, request = self.compiled(component, {k: v.shape for k, v in feeds.items()})
+        request.infer(feeds, share_inputs=True)
+        return request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next call

@@ -1,0 +1,187 @@
+"""TensorRT engines on a CUDA GPU, the UNet step replayed as a CUDA graph per input shape.
+
+Engines come from `engine_dir` (built by `python export/build_trt.py`) or, without one, are built on
+first use into the artifact cache (ONNX export, then a dynamic profile around the model's native
+size). Every engine's side file is checked against this TensorRT and GPU before it is used.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models.autoencoder import DiagonalGaussian, Deterministic
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
+                 "INT32": torch.int32}
+
+
+def _require():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RuntimeError("backend='tensorrt' needs TensorRT and an NVIDIA GPU: pip install 'ldm_engine[tensorrt]'"
+                           ) from None
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend='tensorrt' needs a CUDA device, and none is visible")
+    return trt
+
+
+def default_profile(model):
+    """(min, opt, max) image shapes for engines built on first use: 8 latent pixels up to twice the
+    native size (at least 1024 px), 1 to 4 images, tuned at the native size."""
+    from ..export.graphs import Shape
+
+    f = model.config.vae.downsampling_factor
+    native = model.config.image_size
+    top = max(1024, 2 * native)
+    return Shape(8 * f, 8 * f, 1), Shape(native, native, 1), Shape(top, top, 4)
+
+
+class _Engine:
+    """One deserialized engine and its execution context."""
+
+    def __init__(self, trt, path: Path, record: dict, logger):
+        self.record = record
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not load {path}; rebuild it with python export/build_trt.py")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
+
+    def run(self, feeds: dict[str, torch.Tensor], stream) -> torch.Tensor:
+        from ..export.trt_engines import fits_profile
+
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        if not fits_profile(self.record, shapes):
+            raise ValueError(f"{self.record['component']}: shapes {shapes} are outside the engine's profile "
+                             f"{self.record['profile']}; rebuild with python export/build_trt.py --min/--max")
+        for name in self.inputs:
+            self.context.set_input_shape(name, shapes[name])
+            self.context.set_tensor_address(name, feeds[name].data_ptr())
+        out_name = self.outputs[0]
+        out = torch.empty(tuple(self.context.get_tensor_shape(out_name)), dtype=self.dtypes[out_name],
+                          device=feeds[self.inputs[0]].device)
+        self.context.set_tensor_address(out_name, out.data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {self.record['component']}")
+        return out
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+    graph_capturable = True  # enqueues on the current stream: the pipeline's CUDA graph can record it
+
+    def __init__(self, model, device="cuda", dtype: torch.dtype | None = None, engine_dir=None,
+                 cuda_graph: bool = True, cache_dir=None):
+        trt = _require()
+        self.trt = trt
+        self.model = model
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"backend='tensorrt' runs on a CUDA device, got device={device!r}")
+        self.dtype = dtype or torch.float16
+        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        self.engine_dir = Path(engine_dir) if engine_dir else None
+        self.cache_dir = cache_dir
+        self.cuda_graph = cuda_graph
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.gpu = torch.cuda.get_device_name(self.device)
+        self._engines: dict[str, _Engine] = {}
+        self._graphs: dict[tuple, tuple] = {}  # UNet input shapes -> (graph, static inputs, static output)
+
+    # ---- engines ---------------------------------------------------------------------------------
+
+    def _engine_path(self, component: str) -> Path:
+        from ..export.trt_engines import ENGINE_SUFFIX
+
+        if self.engine_dir is not None:
+            return self.engine_dir / f"{component}{ENGINE_SUFFIX}"
+        return self._build_cached(component)
+
+    def _build_cached(self, component: str) -> Path:
+        """Export the graph and build its engine into the artifact cache (first use only)."""
+        from ..export.artifacts import onnx_artifact, onnx_key
+        from ..export.cache import ArtifactCache
+        from ..export.trt_engines import ENGINE_SUFFIX, build_engine, profile_for, read_graph
+
+        cache = ArtifactCache(self.cache_dir)
+        major = int(self.trt.__version__.split(".")[0])
+        graph_dtype = self.precision if major >= 11 else "fp32"  # strongly typed: precision lives in the graph
+        onnx_path = onnx_artifact(self.model, component, graph_dtype, None, cache)
+        info = read_graph(onnx_path)
+        profile = profile_for(info, *default_profile(self.model))
+        key = f"{onnx_key(self.model, component, graph_dtype)}-trt{self.trt.__version__}-" \
+              f"{''.join(ch if ch.isalnum() else '_' for ch in self.gpu)}-{self.precision}"
+
+        def build(folder: Path) -> dict:
+            return build_engine(onnx_path, folder / f"{component}{ENGINE_SUFFIX}", profile, self.precision, info)
+
+        return cache.get_or_build("tensorrt", key, build) / f"{component}{ENGINE_SUFFIX}"
+
+    def engine(self, component: str) -> _Engine:
+        from ..export.trt_engines import check_record
+
+        if component not in self._engines:
+            path = self._engine_path(component)
+            record = check_record(path, self.trt.__version__, self.gpu)
+            self._engines[component] = _Engine(self.trt, path, record, self.logger)
+        return self._engines[component]
+
+    def _run(self, component: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        eng = self.engine(component)
+        feeds = {k: v.to(self.device, eng.dtypes[k]).contiguous() for k, v in feeds.items()}
+        return eng.run(feeds, torch.cuda.current_stream(self.device)).float()
+
+    # ---- the backend interface -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, ids):
+        return self._run("text_encoder", {"input_ids": ids.long()})
+
+    @torch.no_grad()
+    def embed_class(self, labels):
+        return self.model.class_embedder.to(self.device)(labels.to(self.device)).float()
+
+    @torch.no_grad()
+    def denoise(self, z, t, context, extra=None):
+        extra = extra or {}
+        feeds = {"sample": z, "timestep": torch.as_tensor(t, dtype=torch.float32, device=self.device).expand(z.shape[0])}
+        if context is not None:
+            feeds["context"] = context
+        if extra.get("class_labels") is not None:
+            feeds["class_labels"] = extra["class_labels"].long()
+        # inside the pipeline's own CUDA-graph capture (denoiser + update as one graph) run plainly
+        if self.cuda_graph and not torch.cuda.is_current_stream_capturing():
+            return self._graph_step(feeds)
+        return self._run("unet", feeds)
+
+    def _graph_step(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Replay the UNet for these shapes from a CUDA graph (captured on the first call of each shape)."""
+        eng = self.engine("unet")
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(feeds.items()))
+        if key not in self._graphs:
+            static = {k: v.to(self.device, eng.dtypes[k]).contiguous().clone() for k, v in feeds.items()}
+            eng.run(static, torch.cuda.current_stream(self.device))  # warm-up: TensorRT allocates on its first run
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # captures on a side stream made current for the block
+                out = eng.run(static, torch.cuda.current_stream(self.device))
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        for k, v in feeds.items():
+            static[k].copy_(v)
+        graph.replay()
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self._run("vae_decoder", {"latent": z})
+
+    @torch.no_grad()
+    def encode(self, image):
+        out = self._run("vae_encoder", {"image": image})
+        return DiagonalGaussian(out) if self.model.config.vae.kind == "kl" else Deterministic(out)
