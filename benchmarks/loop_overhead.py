@@ -11,26 +11,14 @@ Medians over --repeat runs; one JSON row per configuration; ratios python / nati
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
-from report import emit
+from report import emit, median_time
 
 from ldm_engine.models.configs import ScheduleConfig
 from ldm_engine.sampling import make_plan, run_sampler
 from ldm_engine.sampling.native import run_native
-
-
-def _median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def loop_rows(steps: int, repeat: int) -> list[dict]:
@@ -45,9 +33,9 @@ def loop_rows(steps: int, repeat: int) -> list[dict]:
             u, c = raw_out.chunk(2)
             return u + 7.5 * (c - u)
 
-        py = _median_time(lambda: run_sampler(sampler, guided, x, plan, "eps", generator=torch.Generator().manual_seed(0),
+        py = median_time(lambda: run_sampler(sampler, guided, x, plan, "eps", generator=torch.Generator().manual_seed(0),
                                               disable=True), repeat)
-        nat = _median_time(lambda: run_native(sampler, lambda x_in, t: raw_out, x, plan, "eps", True, 7.5, 0.0,
+        nat = median_time(lambda: run_native(sampler, lambda x_in, t: raw_out, x, plan, "eps", True, 7.5, 0.0,
                                               torch.Generator().manual_seed(0), disable=True), repeat)
         rows.append({"bench": "loop_overhead", "sampler": sampler, "latent": "2x4x64x64", "steps": steps,
                      "python_ms_per_step": round(1e3 * py / steps, 3), "native_ms_per_step": round(1e3 * nat / steps, 3),
@@ -76,8 +64,8 @@ def end_to_end_rows(steps: int, repeat: int) -> list[dict]:
         u, c = raw(x_in, t).chunk(2)
         return u + 7.5 * (c - u)
 
-    py = _median_time(lambda: run_sampler("dpmpp_2m", guided, x, plan, "eps", disable=True), repeat)
-    nat = _median_time(lambda: run_native("dpmpp_2m", raw, x, plan, "eps", True, 7.5, disable=True), repeat)
+    py = median_time(lambda: run_sampler("dpmpp_2m", guided, x, plan, "eps", disable=True), repeat)
+    nat = median_time(lambda: run_native("dpmpp_2m", raw, x, plan, "eps", True, 7.5, disable=True), repeat)
     return [{"bench": "end_to_end_tiny_unet", "sampler": "dpmpp_2m", "latent": "2x4x64x64", "steps": steps,
              "python_s": round(py, 3), "native_s": round(nat, 3), "python_over_native": round(py / nat, 3)}]
 

@@ -1,0 +1,352 @@
+"""`ldm-bench`: time txt2img per stage on each backend, against a GEMM roofline measured at the start.
+
+    ldm-bench --steps 50 --res 512 [--backend torch|onnxruntime|openvino|tensorrt|all|A,B]
+              [--dtype auto|fp32|bf16|fp16] [--batch N] [--model PATH | --arch sd-1.5]
+              [--warmup N --repeat N] [--parity] [--json FILE]
+
+Every configuration runs the real Pipeline end to end (--warmup runs of 2 steps first: compiles and
+caches, then --repeat timed runs); the backend's calls are timed from outside, so one run yields
+    text_encoder_s      the text encoder call (prompts and negatives in one batch)
+    unet_step_s         median UNet call (the CFG batch, 2 x --batch)
+    sampler_overhead_s  per step, the loop's time between UNet calls (guidance, update, bookkeeping)
+    vae_decode_s        the VAE decoder call
+    end_to_end_s        the whole pipeline call, median over --repeat
+    unet_gflop_per_s    the UNet's FLOPs (counted once on the meta device) / unet_step_s, and
+    roofline_pct        that as a percentage of a large GEMM's GFLOP/s in the same dtype on this machine.
+Without --model the architecture (default sd-1.5) gets random weights: timings do not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
+PROMPT = "a photograph of an astronaut riding a horse"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- measurements --------------------------------------------------------------------------------
+
+def gemm_roofline(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeat: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype`: the practical compute ceiling of this machine."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(repeat + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        if i:  # the first call warms caches and thread pools
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def unet_gflop(config, batch: int, res: int) -> float:
+    """FLOPs (as GFLOP) of one UNet call on the CFG batch at this resolution, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import UNetModel
+
+    f = config.vae.downsampling_factor
+    with torch.device("meta"):
+        unet = UNetModel(config.unet)
+        x = torch.zeros(2 * batch, config.unet.in_channels, res // f, res // f)
+        t = torch.zeros(2 * batch)
+        ctx = torch.zeros(2 * batch, 77, config.unet.context_dim) if config.unet.context_dim else None
+        labels = torch.zeros(2 * batch, dtype=torch.long) if config.unet.num_classes is not None else None
+        counter = FlopCounterMode(display=False)
+        with counter:
+            unet(x, t, ctx, class_labels=labels)
+    return counter.get_total_flops() / 1e9
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) of this process while the block runs, sampled every 10 ms; on CUDA
+    the peak of torch's allocator."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                import os
+
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss_mb())
+            self._stop.wait(0.01)
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss_mb())
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class CallTimer:
+    """Wraps a backend's methods in place; records (start, end) of every call."""
+
+    def __init__(self, backend, names=("encode_text", "denoise", "decode"), device: str = "cpu"):
+        self.calls: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+        for name in names:
+            setattr(backend, name, self._wrap(name, getattr(backend, name), device))
+
+    def _wrap(self, name, fn, device):
+        def timed(*args, **kwargs):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(device)
+            self.calls[name].append((t0, time.perf_counter()))
+            return out
+
+        return timed
+
+    def reset(self):
+        for v in self.calls.values():
+            v.clear()
+
+    def durations(self, name) -> list[float]:
+        return [b - a for a, b in self.calls[name]]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two images in [0, 1]; inf when identical."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+# ---- one configuration ---------------------------------------------------------------------------
+
+def copy_modules(model):
+    """The same LoadedModel with its own copies of the nn.Modules (the tokenizer is shared)."""
+    import dataclasses
+
+    return dataclasses.replace(model, **{name: copy.deepcopy(getattr(model, name))
+                                         for name in ("unet", "vae", "text_encoder", "class_embedder")})
+
+
+def make_pipeline(model, backend: str, dtype: str, device: str, **options):
+    """A Pipeline on `backend`. The torch backend casts modules in place, so a reduced-precision torch
+    run gets its own copy and the shared fp32 model (the source of every export) stays fp32."""
+    from .pipeline import Pipeline
+
+    torch_dtype = None if dtype == "auto" else DTYPES[dtype]
+    if backend == "torch":
+        torch_dtype = torch_dtype or torch.float32
+        m = model if torch_dtype == torch.float32 and device == "cpu" else copy_modules(model)
+        return Pipeline(m, "torch", device, torch_dtype, **options)
+    return Pipeline(model, backend, device, torch_dtype, **options)
+
+
+def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: int, warmup: int, repeat: int,
+                 device: str, gflop: float, rooflines: dict, guidance: float = 7.5, progress=print) -> tuple[dict, np.ndarray]:
+    """Time one (backend, dtype); returns its row and the last image (for parity)."""
+    progress(f"[{backend} {dtype}] preparing (export/compile on first use)")
+    pipe = make_pipeline(model, backend, dtype, device)
+    actual = getattr(pipe.backend, "dtype", None)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(actual, dtype)
+    timer = CallTimer(pipe.backend, device=device)
+    prompts = [PROMPT] * batch if model.text_encoder is not None else None
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, seed=0, height=res, width=res,
+                  output_type="np", progress=False)
+    if prompts is None:
+        kwargs.pop("guidance_scale")
+
+    def run(n_steps):
+        args = [prompts] if prompts is not None else []
+        return pipe(*args, **{**kwargs, "num_inference_steps": n_steps})
+
+    for _ in range(warmup):
+        run(min(steps, 2))
+    e2e, text_t, unet_t, overhead, decode_t = [], [], [], [], []
+    with PeakMemory(device) as mem:
+        for i in range(repeat):
+            timer.reset()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = run(steps)
+            _sync(device)
+            e2e.append(time.perf_counter() - t0)
+            denoise = timer.calls["denoise"]
+            unet_t.extend(b - a for a, b in denoise)
+            span = denoise[-1][1] - denoise[0][0]
+            between = span - sum(b - a for a, b in denoise)
+            overhead.append(between / max(1, len(denoise) - 1))
+            text_t.extend(timer.durations("encode_text"))
+            decode_t.extend(timer.durations("decode"))
+            progress(f"[{backend} {dtype_name}] run {i + 1}/{repeat}: {e2e[-1]:.2f} s")
+    unet_step = statistics.median(unet_t)
+    per_step_overhead = statistics.median(overhead)
+    achieved = gflop / unet_step
+    roof = rooflines.get(dtype_name) or rooflines["fp32"]
+    row = {"backend": backend, "dtype": dtype_name, "device": device,
+           "text_encoder_s": statistics.median(text_t) if text_t else None, "unet_step_s": unet_step,
+           "sampler_overhead_s": per_step_overhead,
+           "vae_decode_s": statistics.median(decode_t), "end_to_end_s": statistics.median(e2e),
+           "it_per_s": 1.0 / (unet_step + per_step_overhead), "peak_mem_mb": round(mem.peak, 1),
+           "unet_gflop": round(gflop, 2), "unet_gflop_per_s": achieved, "roofline_gflop_per_s": roof,
+           "roofline_pct": 100.0 * achieved / roof}
+    return row, out.images
+
+
+def configs_for(backend_arg: str, dtype: str, device: str) -> list[tuple[str, str]]:
+    """[(backend, dtype)] to run. 'all' = every backend usable here, each in fp32 and in its reduced
+    precision (bf16 on CPUs that have it); a comma list picks backends."""
+    from .backends import BACKENDS
+
+    names = list(BACKENDS) if backend_arg == "all" else backend_arg.split(",")
+    for n in names:
+        if n not in BACKENDS:
+            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(BACKENDS)} or all")
+    if backend_arg == "all":
+        names = [n for n in names if _usable(n, device)]
+    if dtype != "auto":
+        return [(n, dtype) for n in names]
+    out = []
+    for n in names:
+        if n == "torch":
+            out += [("torch", "fp32"), ("torch", "bf16" if device == "cpu" else "fp16")]
+        elif n == "openvino":
+            out += [("openvino", "fp32"), ("openvino", "auto")]
+        elif n == "tensorrt":
+            out += [("tensorrt", "fp16")]
+        else:
+            out += [(n, "fp32")]
+    return out
+
+
+def _usable(name: str, device: str) -> bool:
+    import importlib.util
+
+    if name == "tensorrt":
+        return device.startswith("cuda") and importlib.util.find_spec("tensorrt") is not None
+    if name == "openvino":
+        return device == "cpu" and importlib.util.find_spec("openvino") is not None
+    if name == "onnxruntime":
+        return importlib.util.find_spec("onnxruntime") is not None
+    return True
+
+
+def _jsonable(row: dict) -> dict:
+    """Floats rounded; an infinite PSNR (bit-identical images) becomes null, which JSON can carry."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else round(v, 4) if isinstance(v, float) else v)
+            for k, v in row.items()}
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ldm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--res", type=int, default=512, help="image height and width in pixels")
+    p.add_argument("--backend", default="all", help="torch, onnxruntime, openvino, tensorrt, all, or a comma list")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: each backend in fp32 and in its reduced precision")
+    p.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x with guidance)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="checkpoint file or diffusers folder")
+    src.add_argument("--arch", default=None, help="preset with random weights (default sd-1.5)")
+    p.add_argument("--config", help="with --model: preset name or YAML (default: detect)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=1, help="untimed 2-step runs first (compiles, caches)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs; medians are reported")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--parity", action="store_true", help="add each configuration's PSNR against torch fp32")
+    p.add_argument("--json", type=Path, help="write the list of rows here")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.repeat < 1 or a.batch < 1 or a.warmup < 0:
+        p.error("--steps, --repeat and --batch must be >= 1 and --warmup >= 0")
+
+    from .loading import CheckpointError, load_checkpoint, random_model
+
+    try:
+        if a.model:
+            model, arch, random_weights = load_checkpoint(a.model, config=a.config), None, False
+            arch = model.config.name
+        else:
+            arch = a.arch or "sd-1.5"
+            model, random_weights = random_model(arch), True
+        from .export.graphs import pixel_multiple
+
+        m = pixel_multiple(model)
+        if a.res % m:
+            raise ValueError(f"--res must be a multiple of {m} for this model, got {a.res}")
+        configs = configs_for(a.backend, a.dtype, a.device)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr, rows on stdout
+    say(f"{arch}: {'random weights (timings do not depend on weight values)' if random_weights else model.source}; "
+        f"{a.res}x{a.res}, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads")
+    rooflines = {"fp32": gemm_roofline(torch.float32, a.device)}
+    rooflines["bf16"] = gemm_roofline(torch.bfloat16, a.device)
+    if a.device.startswith("cuda"):
+        rooflines["fp16"] = gemm_roofline(torch.float16, a.device)
+    say("GEMM roofline (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rooflines.items()))
+    gflop = unet_gflop(model.config, a.batch, a.res)
+    base = {"arch": arch, "res": a.res, "batch": a.batch, "steps": a.steps, "random_weights": random_weights}
+    rows = []
+    reference = None
+    if a.parity and ("torch", "fp32") not in configs:
+        configs = [("torch", "fp32")] + configs
+        reference_only = True
+    else:
+        reference_only = False
+    for backend, dtype in configs:
+        try:
+            row, img = bench_config(model, backend, dtype, a.res, a.batch, a.steps, a.warmup, a.repeat, a.device,
+                                    gflop, rooflines, a.guidance, say)
+        except (RuntimeError, ValueError) as e:
+            say(f"[{backend} {dtype}] skipped: {e}")
+            continue
+        if backend == "torch" and dtype == "fp32":
+            reference = img
+            if reference_only:
+                reference_only = False
+                continue
+        row = {**base, **row}
+        if a.parity:
+            row["psnr_db"] = psnr(reference, img) if reference is not None else None
+        rows.append(row)
+        print(json.dumps(_jsonable(row)), flush=True)
+    if a.json:
+        a.json.write_text(json.dumps([_jsonable(r) for r in rows], indent=1))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
