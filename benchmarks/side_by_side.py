@@ -15,6 +15,7 @@ Rows (one JSON object each), then a table with the ratios the performance target
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 import numpy as np
@@ -136,6 +137,7 @@ def run_suite(name: str, a) -> list[dict]:
                            ("torch", "bf16")]:
         row, img = bench_config(model, backend, dtype, a.res, 1, a.steps, 1, max(1, a.repeat // 2), "cpu",
                                 gflop, rooflines, GUIDANCE, say)
+        gc.collect()  # the timed backend (held in a reference cycle by its call timers) goes before the next
         ref = img if ref is None else ref  # the first configuration, torch fp32, is the reference
         mse = float(np.mean((img.astype(np.float64) - ref) ** 2))
         rows.append({"suite": "ldm_engine", **row, "psnr_db": None if mse == 0 else 10 * np.log10(1 / mse)})

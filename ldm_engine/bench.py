@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -333,6 +334,7 @@ def main(argv=None) -> int:
         except (RuntimeError, ValueError) as e:
             say(f"[{backend} {dtype}] skipped: {e}")
             continue
+        gc.collect()  # frees the finished configuration's pipeline (its call timers form a reference cycle)
         if backend == "torch" and dtype == "fp32":
             reference = img
             if reference_only:
