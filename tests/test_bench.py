@@ -64,7 +64,7 @@ def test_ldm_bench_reports_every_field(tmp_path):
     out = tmp_path / "rows.json"
     run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "tiny-sd1", "--res", "32", "--steps",
                           "3", "--backend", "torch,onnxruntime", "--dtype", "fp32", "--warmup", "0", "--parity",
-                          "--json", str(out)], capture_output=True, text=True)
+                          "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "random weights" in run.stderr
     rows = json.loads(out.read_text())
@@ -78,9 +78,11 @@ def test_ldm_bench_reports_every_field(tmp_path):
     assert [json.loads(line)["backend"] for line in run.stdout.splitlines()] == ["torch", "onnxruntime"]
 
 
-def test_ldm_bench_refuses_bad_arguments():
+def test_ldm_bench_refuses_bad_arguments(tmp_path):
+    # run outside the source tree: `python -m` puts the working directory first on sys.path
     run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "tiny-sd1", "--res", "30"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "multiple of 4" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "nope"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "nope"], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
