@@ -146,3 +146,23 @@ def test_openvino_bf16_takes_the_timestep_embedding_in_f32(tiny_sd1):
         ref = tiny_sd1.unet(z, torch.tensor(999.0), ctx)
     # with the embedding's phases rounded to bf16 inside the graph this was ~0.06
     assert (out - ref).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_inpainting_and_upscaling_graphs_match_torch(inpaint_folder, upscaler_folder, backend):
+    """9-channel inpainting (masked-image latents from the encoder graph) and the x4 upscaler (7 input
+    channels, noise level as the UNet's class input), fp32."""
+    _needs(backend)
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    mask = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).float()
+    inpaint = load_checkpoint(inpaint_folder)
+    kw = dict(prompt=["a red sofa"], image=image, mask_image=mask, height=16, width=16)
+    ref = _images(Pipeline(inpaint, "torch"), **kw)
+    out = _images(Pipeline(inpaint, backend, dtype=torch.float32, progress=False), **kw)
+    assert psnr(ref, out) >= 40
+    up = load_checkpoint(upscaler_folder)
+    kw = dict(prompt=["a tree"], image=torch.rand(1, 3, 8, 12, generator=g) * 2 - 1, noise_level=40)
+    ref = _images(Pipeline(up, "torch"), **kw)
+    out = _images(Pipeline(up, backend, dtype=torch.float32, progress=False), **kw)
+    assert ref.shape == out.shape and psnr(ref, out) >= 40
