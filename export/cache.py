@@ -163,3 +163,26 @@ class ArtifactCache:
         except OSError:
             return  # already moved by another process
         shutil.rmtree(trash, ignore_errors=True)
+
+    def entries(self) -> list[dict]:
+        """Every finished artifact: kind, key, size in bytes and whether it verifies."""
+        rows = []
+        if not self.root.is_dir():
+            return rows
+        for kind in sorted(d for d in self.root.iterdir() if d.is_dir()):
+            for folder in sorted(d for d in kind.iterdir() if d.is_dir() and not d.name.startswith(".")):
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                rows.append({"kind": kind.name, "key": folder.name, "bytes": size, "ok": verify(folder) is None})
+        return rows
+
+    def clear(self) -> int:
+        """Delete every artifact (and leftovers of interrupted builds); returns the bytes freed."""
+        freed = 0
+        if not self.root.is_dir():
+            return freed
+        for kind in [d for d in self.root.iterdir() if d.is_dir()]:
+            for folder in [d for d in kind.iterdir() if d.is_dir()]:
+                freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                self._set_aside(folder)
+        return freed
+

@@ -140,3 +140,19 @@ def test_graphs_are_exported_on_first_use_only(tiny_sd1, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="damaged"):
         p3 = artifacts.onnx_artifact(tiny_sd1, "vae_decoder", cache=c, progress=False)
     assert calls == ["vae_decoder", "vae_decoder"] and verify(p3.parent) is None
+
+
+def test_the_cache_command_lists_and_clears(tmp_path, monkeypatch, capsys):
+    from ldm_engine.__main__ import main
+
+    monkeypatch.setenv("LDM_ENGINE_CACHE", str(tmp_path))
+    c = ArtifactCache()
+    c.get_or_build("onnx", "unet-aa-dynamic-fp32-rt", _build_counter([], b"x" * 2048))
+    damaged = c.get_or_build("onnx", "vae_decoder-bb-dynamic-fp32-rt", _build_counter([]))
+    (damaged / "model.onnx").write_bytes(b"")
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "2 artifacts" in out and "unet-aa-dynamic-fp32-rt" in out and "damaged" in out
+    assert main(["cache", "--clear"]) == 0
+    assert "freed" in capsys.readouterr().out
+    assert c.entries() == [] and list((tmp_path / "onnx").iterdir()) == []
