@@ -77,11 +77,13 @@ def test_large_graphs_keep_weights_beside_the_protobuf(tiny_sd1, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
 
 
-def test_fp16_export_runs(tiny_sd1, tmp_path):
-    path = onnx_export.export_component(tiny_sd1, "vae_decoder", tmp_path / "d.onnx", dtype="fp16", progress=False)
-    assert onnx.load(str(path)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    assert next(tiny_sd1.vae.parameters()).dtype.is_floating_point  # the caller's module is left as it was
-    assert str(next(tiny_sd1.vae.parameters()).dtype) == "torch.float32"
+@pytest.mark.parametrize("dtype,elem", [("fp16", onnx.TensorProto.FLOAT16), ("bf16", onnx.TensorProto.BFLOAT16)])
+def test_reduced_precision_exports(tiny_sd1, tmp_path, dtype, elem):
+    path = onnx_export.export_component(tiny_sd1, "vae_decoder", tmp_path / "d.onnx", dtype=dtype, progress=False)
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.elem_type == elem
+    assert {i.data_type for i in proto.graph.initializer if i.dims and len(i.dims) == 4} == {elem}  # conv weights
+    assert str(next(tiny_sd1.vae.parameters()).dtype) == "torch.float32"  # the caller's module is left as it was
 
 
 def test_a_failed_export_leaves_nothing(tiny_sd1, tmp_path, monkeypatch):
