@@ -120,3 +120,15 @@ def test_command_line_exports_and_verifies(tmp_path):
                           str(out), "--static", "30x32"], capture_output=True, text=True)
     assert bad.returncode == 2 and "multiples of 4" in bad.stderr and "Traceback" not in bad.stderr
     assert sorted(p.name for p in out.iterdir()) == ["text_encoder.onnx", "vae_decoder.onnx"]  # nothing new
+
+
+@pytest.mark.slow
+def test_full_size_unet_exports_with_external_data(tmp_path):
+    """SD-1.5's UNet (3.4 GB in fp32) crosses the protobuf limit: weights go to one .data file, and the
+    graph still matches torch on ONNX Runtime. Minutes and ~12 GB of memory: run with -m slow."""
+    model = random_model("sd-1.5")
+    path = onnx_export.export_component(model, "unet", tmp_path / "unet.onnx", progress=False)
+    data = tmp_path / "unet.onnx.data"
+    assert path.stat().st_size < 2 * 1024**2 and data.stat().st_size > 3 * 1024**3
+    onnx.checker.check_model(str(path))
+    assert onnx_parity(model, "unet", path, Shape(64, 64, 1)) <= 1e-3
