@@ -117,7 +117,7 @@ def direct_rows(model, res: int, repeat: int) -> list[dict]:
 
 def run_suite(name: str, a) -> list[dict]:
     """One suite's rows, measured in this process."""
-    from ldm_engine.bench import bench_config, gemm_roofline, unet_gflop
+    from ldm_engine.bench import bench_config, gemm_roofline, psnr, unet_gflop
     from ldm_engine.loading import random_model
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -139,8 +139,8 @@ def run_suite(name: str, a) -> list[dict]:
                                 gflop, rooflines, GUIDANCE, say)
         gc.collect()  # the timed backend (held in a reference cycle by its call timers) goes before the next
         ref = img if ref is None else ref  # the first configuration, torch fp32, is the reference
-        mse = float(np.mean((img.astype(np.float64) - ref) ** 2))
-        rows.append({"suite": "ldm_engine", **row, "psnr_db": None if mse == 0 else 10 * np.log10(1 / mse)})
+        db = psnr(ref, img)
+        rows.append({"suite": "ldm_engine", **row, "psnr_db": db if np.isfinite(db) else None})
     return rows
 
 

@@ -11,7 +11,8 @@ from .graphs import Shape
 from .onnx_export import OPSET, export_component
 
 
-def _safe(text: str) -> str:
+def safe_part(text: str) -> str:
+    """`text` with everything but letters, digits and . + _ replaced: usable inside a cache key."""
     return re.sub(r"[^A-Za-z0-9.+_]", "_", text)
 
 
@@ -23,7 +24,7 @@ def onnx_runtime_tag() -> str:
     """What the exported bytes depend on besides the weights: this package, the exporter and the opset."""
     from .. import __version__
 
-    return _safe(f"ldm{__version__}_torch{torch.__version__.split('+')[0]}_opset{OPSET}")
+    return safe_part(f"ldm{__version__}_torch{torch.__version__.split('+')[0]}_opset{OPSET}")
 
 
 def onnx_key(model, component: str, dtype: str = "fp32", shape: Shape | None = None) -> str:

@@ -76,11 +76,14 @@ def artifact_key(component: str, weights: str, profile: str, precision: str, run
     return "-".join(parts)
 
 
-def _digest(path: Path) -> str:
+def file_digest(*paths: Path) -> str:
+    """blake2b over the bytes of the given files, in order (missing ones skipped)."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        if Path(path).is_file():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
     return h.hexdigest()
 
 
@@ -91,7 +94,7 @@ def write_meta(folder: Path, info: dict, digest_limit: int = 256 * 1024**2) -> N
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.name != META:
             size = p.stat().st_size
-            files[p.name] = {"size": size, "digest": _digest(p) if size <= digest_limit else None}
+            files[p.name] = {"size": size, "digest": file_digest(p) if size <= digest_limit else None}
     (folder / META).write_text(json.dumps({"files": files, **info}, indent=1, sort_keys=True))
 
 
@@ -111,7 +114,7 @@ def verify(folder: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != rec.get("size"):
             return f"{name} has {p.stat().st_size} bytes, {rec.get('size')} were written"
-        if rec.get("digest") and _digest(p) != rec["digest"]:
+        if rec.get("digest") and file_digest(p) != rec["digest"]:
             return f"{name} does not match its recorded digest"
     return None
 

@@ -21,6 +21,7 @@ from torch import nn
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)

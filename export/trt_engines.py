@@ -12,11 +12,11 @@ builder flag.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import file_digest
 from .graphs import Shape
 
 ENGINE_SUFFIX = ".plan"
@@ -43,16 +43,6 @@ class GraphInfo:
     pixel_multiple: int = 8  # image sides must divide by this (autoencoder factor x UNet downsamplings)
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in (path, path.with_name(path.name + ".data")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
 def read_graph(path: str | Path) -> GraphInfo:
     """Inputs, dims and ldm_engine metadata of an exported graph (weights are not loaded)."""
     import onnx
@@ -69,7 +59,7 @@ def read_graph(path: str | Path) -> GraphInfo:
         inputs[inp.name] = dims
     return GraphInfo(meta["ldm_engine.component"], inputs, meta.get("ldm_engine.dtype", "fp32"),
                      int(meta["ldm_engine.downsampling_factor"]), int(meta["ldm_engine.context_tokens"]),
-                     file_digest(path), meta.get("ldm_engine.shape", "dynamic"),
+                     file_digest(path, path.with_name(path.name + ".data")), meta.get("ldm_engine.shape", "dynamic"),
                      int(meta.get("ldm_engine.pixel_multiple", meta["ldm_engine.downsampling_factor"])))
 
 

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .export.graphs import DTYPE_NAMES, DTYPES
+
 CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
 PROMPT = "a photograph of an astronaut riding a horse"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---- measurements --------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: i
     progress(f"[{backend} {dtype}] preparing (export/compile on first use)")
     pipe = make_pipeline(model, backend, dtype, device)
     actual = getattr(pipe.backend, "dtype", None)
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(actual, dtype)
+    dtype_name = DTYPE_NAMES.get(actual, dtype)
     timer = CallTimer(pipe.backend, device=device)
     prompts = [PROMPT] * batch if model.text_encoder is not None else None
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, seed=0, height=res, width=res,
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
 
     try:
         if a.model:
-            model, arch, random_weights = load_checkpoint(a.model, config=a.config), None, False
+            model, random_weights = load_checkpoint(a.model, config=a.config), False
             arch = model.config.name
         else:
             arch = a.arch or "sd-1.5"
@@ -322,11 +323,9 @@ def main(argv=None) -> int:
     base = {"arch": arch, "res": a.res, "batch": a.batch, "steps": a.steps, "random_weights": random_weights}
     rows = []
     reference = None
-    if a.parity and ("torch", "fp32") not in configs:
+    reference_only = a.parity and ("torch", "fp32") not in configs  # run for its image, not reported
+    if reference_only:
         configs = [("torch", "fp32")] + configs
-        reference_only = True
-    else:
-        reference_only = False
     for backend, dtype in configs:
         try:
             row, img = bench_config(model, backend, dtype, a.res, a.batch, a.steps, a.warmup, a.repeat, a.device,

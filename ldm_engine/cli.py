@@ -66,9 +66,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _dtype(name: str | None):
-    import torch
+    from .export.graphs import DTYPES
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    return DTYPES.get(name)
 
 
 def main(argv: list[str] | None = None) -> int:

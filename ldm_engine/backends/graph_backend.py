@@ -8,12 +8,14 @@ Graphs come from `onnx_dir` (a folder written by `python export/export_onnx.py`,
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models.autoencoder import DiagonalGaussian, Deterministic
+from ..models.autoencoder_blocks import _check_image
 
 
 def physical_cores() -> int:
@@ -36,7 +38,7 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-class GraphBackend:
+class GraphBackend(ABC):
     """Base of the ONNX-graph backends. Tensors in and out are CPU float32 torch tensors (int64 for ids
     and labels); latents are the autoencoder's own, unscaled ones, as with the torch backend."""
 
@@ -76,8 +78,9 @@ class GraphBackend:
 
         return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress)
 
+    @abstractmethod
     def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        raise NotImplementedError
+        """Run one component's graph on named numpy inputs; its first output."""
 
     # ---- the backend interface -------------------------------------------------------------------
 
@@ -113,9 +116,9 @@ class GraphBackend:
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor):
-        f = self.model.config.vae.downsampling_factor
-        if image.ndim != 4 or image.shape[1] != 3 or image.shape[2] % f or image.shape[3] % f:
-            raise ValueError(f"image must be (B, 3, H, W) with H and W multiples of {f}, got {tuple(image.shape)}")
+        _check_image(image, self.model.config.vae.downsampling_factor, "image")  # the reference's own check
+        if image.shape[1] != 3:
+            raise ValueError(f"image must have 3 channels, got shape {tuple(image.shape)}")
         out = torch.from_numpy(self._run("vae_encoder", {"image": _np(image, np.float32)}))
         return DiagonalGaussian(out) if self.model.config.vae.kind == "kl" else Deterministic(out)
 

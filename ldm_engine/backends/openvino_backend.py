@@ -57,7 +57,7 @@ class OpenVINOBackend(GraphBackend):
         self.ov = ov
         self.core = ov.Core()
         self.precision = inference_precision(dtype, cpu_supports_bf16(self.core))
-        self.dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[self.precision]
+        self.dtype = {v: k for k, v in _PRECISIONS.items()}[self.precision]
         self.reshape = reshape
         self.threads = threads or physical_cores()
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",

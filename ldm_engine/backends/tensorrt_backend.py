@@ -84,7 +84,9 @@ class TensorRTBackend:
         if self.device.type != "cuda":
             raise ValueError(f"backend='tensorrt' runs on a CUDA device, got device={device!r}")
         self.dtype = dtype or torch.float16
-        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        from ..export.graphs import DTYPE_NAMES
+
+        self.precision = DTYPE_NAMES[self.dtype]
         self.engine_dir = Path(engine_dir) if engine_dir else None
         self.cache_dir = cache_dir
         self.cuda_graph = cuda_graph
@@ -104,7 +106,7 @@ class TensorRTBackend:
 
     def _build_cached(self, component: str) -> Path:
         """Export the graph and build its engine into the artifact cache (first use only)."""
-        from ..export.artifacts import onnx_artifact, onnx_key
+        from ..export.artifacts import onnx_artifact, onnx_key, safe_part
         from ..export.cache import ArtifactCache
         from ..export.trt_engines import ENGINE_SUFFIX, build_engine, profile_for, read_graph
 
@@ -114,8 +116,8 @@ class TensorRTBackend:
         onnx_path = onnx_artifact(self.model, component, graph_dtype, None, cache)
         info = read_graph(onnx_path)
         profile = profile_for(info, *default_profile(self.model))
-        key = f"{onnx_key(self.model, component, graph_dtype)}-trt{self.trt.__version__}-" \
-              f"{''.join(ch if ch.isalnum() else '_' for ch in self.gpu)}-{self.precision}"
+        key = f"{onnx_key(self.model, component, graph_dtype)}-trt{self.trt.__version__}-{safe_part(self.gpu)}-" \
+              f"{self.precision}"
 
         def build(folder: Path) -> dict:
             return build_engine(onnx_path, folder / f"{component}{ENGINE_SUFFIX}", profile, self.precision, info)
