@@ -38,18 +38,28 @@ PROMPT = "a photograph of an astronaut riding a horse"
 
 # ---- measurements --------------------------------------------------------------------------------
 
-def gemm_roofline(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeat: int = 5) -> float:
-    """GFLOP/s of an n x n x n matmul in `dtype`: the practical compute ceiling of this machine."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def gemm_roofline(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeat: int = 5,
+                  budget_s: float = 3.0) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype`: the practical compute ceiling of this machine.
+    Where the dtype is emulated (bf16 on CPUs without AVX512_BF16/AMX runs ~15x slower than fp32) one
+    2048^3 product takes seconds, so n halves until a call fits the time budget."""
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)  # the first call warms caches and thread pools
+        _sync(device)
+        if n <= 256 or (time.perf_counter() - t0) * repeat <= budget_s:
+            break
+        n //= 2
     times = []
-    for i in range(repeat + 1):
+    for _ in range(repeat):
         _sync(device)
         t0 = time.perf_counter()
         torch.matmul(a, b)
         _sync(device)
-        if i:  # the first call warms caches and thread pools
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
@@ -314,10 +324,9 @@ def main(argv=None) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr, rows on stdout
     say(f"{arch}: {'random weights (timings do not depend on weight values)' if random_weights else model.source}; "
         f"{a.res}x{a.res}, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads")
-    rooflines = {"fp32": gemm_roofline(torch.float32, a.device)}
-    rooflines["bf16"] = gemm_roofline(torch.bfloat16, a.device)
-    if a.device.startswith("cuda"):
-        rooflines["fp16"] = gemm_roofline(torch.float16, a.device)
+    # only the precisions this run uses ("auto" is OpenVINO's bf16 where the CPU has it)
+    wanted = {"fp32"} | {"bf16" if d == "auto" else d for _, d in configs}
+    rooflines = {d: gemm_roofline(DTYPES[d], a.device) for d in ("fp32", "bf16", "fp16") if d in wanted}
     say("GEMM roofline (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rooflines.items()))
     gflop = unet_gflop(model.config, a.batch, a.res)
     base = {"arch": arch, "res": a.res, "batch": a.batch, "steps": a.steps, "random_weights": random_weights}

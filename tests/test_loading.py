@@ -49,8 +49,14 @@ def test_single_file_round_trip(sd1_folder, tmp_path, suffix):
     else:
         save_file(sd, str(path))
     single = load_checkpoint(path, config=folder_model.config)
+    for part in ("unet", "vae", "text_encoder"):  # the same weights, bit for bit
+        mine, theirs = getattr(folder_model, part).state_dict(), getattr(single, part).state_dict()
+        assert mine.keys() == theirs.keys()
+        for k in mine:
+            assert torch.equal(mine[k], theirs[k]), k
+    # outputs agree to float32 rounding: oneDNN may pick other kernels for differently aligned buffers
     for a, b in zip(outputs(folder_model), outputs(single)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_ema_weights_are_used_when_present(sd1_folder, tmp_path):
