@@ -88,7 +88,7 @@ class PyNoise : public ldm::NoiseSource {
 FloatArray run_loop(py::array x, const std::string& sampler, const std::string& prediction,
                             std::vector<double> timesteps, std::vector<double> abar, std::vector<double> abar_prev,
                             std::vector<double> sigmas, bool guided, float guidance, double eta, py::function denoiser,
-                            py::object noise) {
+                            py::object noise, std::vector<double> abar_s, double timestep_scaling) {
   if (!py::isinstance<py::array_t<float>>(x) || !(x.flags() & py::array::c_style)) {
     throw std::invalid_argument("latents must be a C-contiguous float32 array, got dtype " +
                                 std::string(py::str(x.dtype())));
@@ -97,7 +97,8 @@ FloatArray run_loop(py::array x, const std::string& sampler, const std::string& 
     throw std::invalid_argument("native loop: prediction must be 'eps' or 'v', got '" + prediction + "'");
   }
   ldm::LoopPlan plan{sampler, prediction == "v" ? ldm::Prediction::V : ldm::Prediction::Eps,
-                     std::move(timesteps), std::move(abar), std::move(abar_prev), std::move(sigmas), guided, guidance, eta};
+                     std::move(timesteps), std::move(abar), std::move(abar_prev), std::move(sigmas), guided, guidance, eta,
+                     std::move(abar_s), timestep_scaling};
   ldm::validate(plan);
   auto out = x.attr("copy")().cast<FloatArray>();  // the loop updates its own copy of the latents
   const std::size_t n = static_cast<std::size_t>(out.size());
@@ -112,10 +113,11 @@ FloatArray run_loop(py::array x, const std::string& sampler, const std::string& 
 // The per-step scalars of a plan as a (steps, 16) float32 table: the layout of StepCoef, which the CUDA
 // graph runner uploads once per run.
 py::array_t<float> step_table(const std::string& sampler, std::vector<double> timesteps, std::vector<double> abar,
-                              std::vector<double> abar_prev, std::vector<double> sigmas, double eta) {
+                              std::vector<double> abar_prev, std::vector<double> sigmas, double eta,
+                              std::vector<double> abar_s, double timestep_scaling) {
   static_assert(sizeof(ldm::StepCoef) == 16 * sizeof(float), "StepCoef must be 16 floats");
   ldm::LoopPlan plan{sampler, ldm::Prediction::Eps, std::move(timesteps), std::move(abar), std::move(abar_prev),
-                     std::move(sigmas), true, 1.0f, eta};
+                     std::move(sigmas), true, 1.0f, eta, std::move(abar_s), timestep_scaling};
   ldm::validate(plan);
   const auto n = static_cast<py::ssize_t>(plan.timesteps.size());
   py::array_t<float> out({n, static_cast<py::ssize_t>(16)});
@@ -137,11 +139,14 @@ PYBIND11_MODULE(_C, m) {
         "Classifier-free guidance uncond + scale * (cond - uncond) on float32 arrays of one shape.");
   m.def("run_loop", &run_loop, py::arg("x"), py::arg("sampler"), py::arg("prediction"), py::arg("timesteps"),
         py::arg("abar"), py::arg("abar_prev"), py::arg("sigmas"), py::arg("guided"), py::arg("guidance"),
-        py::arg("eta"), py::arg("denoiser"), py::arg("noise"),
+        py::arg("eta"), py::arg("denoiser"), py::arg("noise"), py::arg("abar_s") = std::vector<double>{},
+        py::arg("timestep_scaling") = 10.0,
         "Run a sampler natively: denoiser(step, t, x_in) -> raw outputs ([uncond; cond] when guided), "
-        "fused guidance + update in C++. Returns the final latents.");
+        "fused guidance + update in C++. Returns the final latents. abar_s: TCD's intermediate alpha-bars; "
+        "timestep_scaling: LCM's boundary condition.");
   m.def("step_table", &step_table, py::arg("sampler"), py::arg("timesteps"), py::arg("abar"), py::arg("abar_prev"),
-        py::arg("sigmas"), py::arg("eta"), "Per-step coefficients of a plan, (steps, 16) float32 (StepCoef layout).");
+        py::arg("sigmas"), py::arg("eta"), py::arg("abar_s") = std::vector<double>{}, py::arg("timestep_scaling") = 10.0,
+        "Per-step coefficients of a plan, (steps, 16) float32 (StepCoef layout).");
 #ifdef LDM_WITH_CUDA
   // Device-pointer launchers for CUDA-graph capture (pointers and the stream as integers).
   auto cuda = m.def_submodule("cuda", "CUDA fused-update kernels (device pointers as integers)");

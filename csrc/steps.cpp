@@ -10,7 +10,10 @@ Sampler sampler_from_name(const std::string& name) {
   if (name == "euler") return Sampler::Euler;
   if (name == "euler_a") return Sampler::EulerAncestral;
   if (name == "dpmpp_2m") return Sampler::DPMpp2M;
-  throw std::invalid_argument("native loop: unsupported sampler '" + name + "' (native: ddim, euler, euler_a, dpmpp_2m)");
+  if (name == "lcm") return Sampler::LCM;
+  if (name == "tcd") return Sampler::TCD;
+  throw std::invalid_argument("native loop: unsupported sampler '" + name +
+                              "' (native: ddim, euler, euler_a, dpmpp_2m, lcm, tcd)");
 }
 
 StepCoef coefficients(Sampler smp, double abar, double abar_prev, double eta, double sigma, double sigma_next,
@@ -48,6 +51,30 @@ StepCoef coefficients(Sampler smp, double abar, double abar_prev, double eta, do
     k.dt = f(target - sigma);
     k.up = f(up);
     k.in_scale = f(std::sqrt(sigma * sigma + 1));
+  }
+  return k;
+}
+
+StepCoef consistency_coefficients(Sampler smp, double t, double abar, double abar_next, double abar_s,
+                                  double timestep_scaling, bool renoise) {
+  StepCoef k{};
+  auto f = [](double v) { return static_cast<float>(v); };
+  k.a = f(std::sqrt(abar));
+  k.s = f(std::sqrt(1.0 - abar));
+  double keep = abar_next, fresh = 1.0 - abar_next;  // LCM: x <- sqrt(abar_next) denoised + sqrt(1 - abar_next) z
+  if (smp == Sampler::LCM) {
+    const double sigma_data = 0.5, st = t * timestep_scaling, denom = st * st + sigma_data * sigma_data;
+    k.c_x = f(sigma_data * sigma_data / denom);  // c_skip
+    k.c_d = f(st / std::sqrt(denom));            // c_out
+  } else {
+    k.c_x0 = f(std::sqrt(abar_s));
+    k.c_eps = f(std::sqrt(1.0 - abar_s));
+    keep = abar_next / abar_s;  // TCD: forward diffusion from s to the next timestep
+    fresh = 1.0 - keep;
+  }
+  if (renoise) {
+    k.renoise = f(std::sqrt(keep));
+    k.c_noise = f(std::sqrt(fresh));
   }
   return k;
 }

@@ -42,6 +42,12 @@ def load_mask(mask_image, image_hw: tuple[int, int]) -> torch.Tensor:
     return (m >= 0.5).float()
 
 
+def default_strength(cfg, mask_image) -> float:
+    """diffusers' defaults: 1.0 when a 9-channel inpainting model inpaints (StableDiffusionInpaintPipeline:
+    the masked region starts from pure noise), 0.8 for image-to-image (StableDiffusionImg2ImgPipeline)."""
+    return 1.0 if mask_image is not None and cfg.unet.in_channels == 9 else 0.8
+
+
 def _skip(plan: Plan, steps: int, strength: float) -> Plan:
     start = steps - min(int(steps * strength), steps)
     plan = plan.tail(start)

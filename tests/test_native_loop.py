@@ -164,21 +164,24 @@ def _fake_noise():
 def _case(tmp_path, name, pred, guided, guidance, eta, steps):
     plan = make_plan(name, steps, ScheduleConfig())
     x = plan.initial_latents(torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(0)))
-    arr = plan_arrays(name, plan)
     vec = lambda v, fmt="%.17g": f"{len(v)} " + " ".join(fmt % a for a in v)
     f = tmp_path / "case.txt"
+    arr = plan_arrays(name, plan, eta)
     f.write_text("\n".join([f"{native_name(name)} {pred} {int(guided)} {guidance!r} {eta!r}", vec(arr["timesteps"]),
-                            vec(arr["abar"]), vec(arr["abar_prev"]), vec(arr["sigmas"]), vec(x.flatten().tolist(), "%.9g")]) + "\n")
+                            vec(arr["abar"]), vec(arr["abar_prev"]), vec(arr["sigmas"]), vec(x.flatten().tolist(), "%.9g"),
+                            vec(arr["abar_s"]), repr(arr["timestep_scaling"])]) + "\n")
     return f, plan, x
 
 
 def _python_twin(name, plan, x, pred, guided, guidance, eta, monkeypatch):
     import ldm_engine.sampling.ddim as ddim
     import ldm_engine.sampling.k_samplers as ks
+    import ldm_engine.sampling.lcm as lcm
+    import ldm_engine.sampling.tcd as tcd
 
     noise = _fake_noise()
-    monkeypatch.setattr(ddim, "_noise", noise)
-    monkeypatch.setattr(ks, "_noise", noise)
+    for module in (ddim, ks, lcm, tcd):
+        monkeypatch.setattr(module, "_noise", noise)
     step = {"i": 0}
 
     def model(x_in, t):
@@ -193,10 +196,10 @@ def _python_twin(name, plan, x, pred, guided, guidance, eta, monkeypatch):
     return run_sampler(name, model, x, plan, pred, eta=eta, disable=True)
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "tcd"])
 @pytest.mark.parametrize("pred", ["eps", "v"])
 def test_cpp_binary_matches_python(loop_test, tmp_path, monkeypatch, name, pred):
-    eta = 0.5 if name == "ddim" else 0.0
+    eta = {"ddim": 0.5, "tcd": 0.3}.get(name, 0.0)
     case, plan, x = _case(tmp_path, name, pred, True, 4.0, eta, 8)
     out = subprocess.run([str(loop_test), str(case)], capture_output=True, text=True, check=True).stdout.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in out}
@@ -209,9 +212,9 @@ def test_cpp_binary_matches_python(loop_test, tmp_path, monkeypatch, name, pred)
         assert [int(v) for v in rows[spacing]] == spaced_timesteps(7, ScheduleConfig(timestep_spacing=spacing)).tolist()
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m", "lcm", "tcd"])
 def test_cpp_binary_is_clean_under_asan_and_ubsan(loop_test_sanitized, tmp_path, name):
-    case, _, _ = _case(tmp_path, name, "v", True, 7.5, 0.3 if name == "ddim" else 0.0, 6)
+    case, _, _ = _case(tmp_path, name, "v", True, 7.5, 0.3 if name in ("ddim", "tcd") else 0.0, 6)
     res = subprocess.run([str(loop_test_sanitized), str(case)], capture_output=True, text=True,
                          env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr

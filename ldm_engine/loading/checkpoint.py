@@ -181,7 +181,8 @@ def _load_diffusers(folder: Path, cfg: LDMConfig | None, dtype) -> LoadedModel:
         tok_dir = folder / "tokenizer"
         text_cfg = dc.text_encoder_config(text_c, str(folder / "text_encoder"), _pad_id(tok_dir))
     sched_file = folder / "scheduler" / "scheduler_config.json"
-    schedule, pred = dc.schedule_config(json.loads(sched_file.read_text())) if sched_file.is_file() else (ScheduleConfig(), "eps")
+    schedule, pred = (dc.schedule_config(json.loads(sched_file.read_text()), index.get("_class_name"))
+                      if sched_file.is_file() else (ScheduleConfig(), "eps"))
     n = len(ucfg.channel_mult)
     unet_sd = diffusers_unet_to_original(unet_sd, ucfg.num_res_blocks,
                                          [2 ** (n - 1 - i) in ucfg.attention_resolutions for i in range(n)])

@@ -50,6 +50,8 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
     cfg = UNetConfig(in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mults),
                      num_res_blocks=nres, attention_resolutions=tuple(attn), use_spatial_transformer=spatial,
                      context_dim=None, use_scale_shift_norm=emb_out == 2 * mults[0] * mc, resblock_updown=updown)
+    if "time_embed_cond.weight" in sd:  # LCM-distilled: projects the guidance embedding onto the timestep's
+        cfg.time_cond_proj_dim = sd["time_embed_cond.weight"].shape[1]
     if "label_emb.weight" in sd:
         cfg.num_classes = sd["label_emb.weight"].shape[0]
     elif any(k.startswith("label_emb.") for k in sd):

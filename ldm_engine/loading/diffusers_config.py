@@ -6,7 +6,7 @@ from ..models.configs import AutoencoderConfig, ScheduleConfig, TextEncoderConfi
 from .errors import CheckpointError
 
 _UNSUPPORTED_UNET = {
-    "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None, "class_embed_type": None,
+    "addition_embed_type": None, "encoder_hid_dim": None, "class_embed_type": None,
     "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
     "conv_out_kernel": 3, "dual_cross_attention": False, "only_cross_attention": False,
     "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
@@ -67,6 +67,7 @@ def unet_config(c: dict, where: str) -> UNetConfig:
         num_heads=num_heads, num_head_channels=head_channels, transformer_depth=depth, context_dim=ctx,
         use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
         num_classes=c.get("num_class_embeds"), norm_groups=c.get("norm_num_groups", 32),
+        time_cond_proj_dim=c.get("time_cond_proj_dim"),
         disable_self_attentions=tuple(c["only_cross_attention"]) if isinstance(c.get("only_cross_attention"), list)
         and any(c["only_cross_attention"]) else None,
     )
@@ -105,12 +106,25 @@ def text_encoder_config(c: dict, where: str, pad_token_id: int) -> TextEncoderCo
     )
 
 
-def schedule_config(c: dict) -> tuple[ScheduleConfig, str]:
+_SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "timestep_spacing", "steps_offset",
+                  "original_inference_steps", "timestep_scaling")
+# diffusers' Stable Diffusion pipelines rewrite a loaded scheduler's steps_offset to 1 (a fix-up of old
+# configs, with a deprecation warning): every scheduler made from pipe.scheduler.config sees that 1
+_OFFSET_FIXUP_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+
+
+def schedule_config(c: dict, pipeline_class: str | None = None) -> tuple[ScheduleConfig, str]:
+    """A scheduler_config.json -> (ScheduleConfig, prediction type). Keys the file omits, or lists in
+    `_use_default_values`, are recorded as not explicit: each sampler then takes its own diffusers
+    scheduler's default for them, as `NewScheduler.from_config(pipe.scheduler.config)` does.
+    `pipeline_class`: the folder's model_index `_class_name` (Stable Diffusion pipelines set an explicit
+    steps_offset to 1)."""
     pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}.get(c.get("prediction_type", "epsilon"))
     if pred is None:
         raise CheckpointError(f"unsupported scheduler prediction_type {c.get('prediction_type')!r}")
-    return ScheduleConfig(
-        beta_schedule=c.get("beta_schedule", "scaled_linear"), beta_start=c.get("beta_start", 0.00085),
-        beta_end=c.get("beta_end", 0.012), num_train_timesteps=c.get("num_train_timesteps", 1000),
-        timestep_spacing=c.get("timestep_spacing", "leading"), steps_offset=c.get("steps_offset", 0),
-    ), pred
+    defaulted = set(c.get("_use_default_values") or ())
+    explicit = tuple(k for k in _SCHEDULE_KEYS if k in c and k not in defaulted)
+    given = {k: c[k] for k in explicit}
+    if pipeline_class in _OFFSET_FIXUP_PIPELINES and "steps_offset" in given:
+        given["steps_offset"] = 1
+    return ScheduleConfig(**{"steps_offset": 0, **given}, explicit=explicit), pred

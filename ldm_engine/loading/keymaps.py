@@ -47,7 +47,7 @@ def diffusers_unet_to_original(sd: dict[str, torch.Tensor], layers_per_block: in
         else:
             for src, dst in (("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
                              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-                             ("class_embedding.", "label_emb.")):
+                             ("class_embedding.", "label_emb."), ("time_embedding.cond_proj.", "time_embed_cond.")):
                 if key.startswith(src):
                     new = dst + key[len(src):]
         out[new] = value

@@ -31,6 +31,9 @@ class UNetConfig:
     disable_self_attentions: tuple[bool, ...] | None = None
     use_scale_shift_norm: bool = False  # time embedding as FiLM scale/shift (original LDM UNets)
     resblock_updown: bool = False  # resample inside ResBlocks instead of separate (de)convs
+    # LCM-distilled UNets: width of the guidance-scale embedding projected onto the timestep embedding
+    # (diffusers' time_cond_proj_dim); None for ordinary UNets
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -117,6 +120,18 @@ class ScheduleConfig:
     num_train_timesteps: int = 1000
     timestep_spacing: str = "leading"
     steps_offset: int = 1
+    # LCM / TCD: length of the distillation schedule the few-step timesteps are taken from, and the
+    # timestep scaling of the consistency boundary condition
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
+    # The fields a diffusers scheduler config sets explicitly; the others take each sampler's own
+    # default (sampling/samplers.py SPACING_DEFAULTS), as diffusers' `from_config` scheduler swap does.
+    # None: every field is fixed (presets, single-file checkpoints, original YAML configs).
+    explicit: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.explicit is not None:
+            self.explicit = tuple(self.explicit)
 
 
 @dataclass

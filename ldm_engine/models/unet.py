@@ -23,6 +23,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) of the guidance weight w = guidance_scale - 1 that an
+    LCM-distilled UNet takes beside its timestep (Luo et al. 2023; the VDM-style embedding of
+    diffusers' LatentConsistencyModelPipeline): 1000 w times frequencies 10000^(-i / (dim/2 - 1)),
+    sin half first then cos, in float32."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class ResBlock(nn.Module):
     """Residual block with the time embedding added between its convs (or, with `scale_shift`, applied
     as a FiLM scale and shift on the second norm). `resample` = "up"/"down" resizes inside the block
@@ -93,6 +105,8 @@ class UNetModel(nn.Module):
             return ResBlock(cin, ted, cout, g, cfg.use_scale_shift_norm, resample)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if cfg.time_cond_proj_dim is not None:  # LCM-distilled: the guidance embedding joins the timestep's
+            self.time_embed_cond = nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
 
@@ -140,11 +154,18 @@ class UNetModel(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C_in, h, w), t scalar or (B,), context (B, L, context_dim) -> model output (B, C_out, h, w)."""
+                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, h, w), t scalar or (B,), context (B, L, context_dim) -> model output (B, C_out, h, w).
+        timestep_cond (B, time_cond_proj_dim): an LCM-distilled UNet's guidance embedding (guidance_embedding),
+        projected and added to the sinusoidal timestep embedding; without it the UNet runs unconditioned on w."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
+        if timestep_cond is not None:
+            if self.config.time_cond_proj_dim is None:
+                raise ValueError("timestep_cond is for LCM-distilled UNets (time_cond_proj_dim set); this UNet has none")
+            t_emb = t_emb + self.time_embed_cond(timestep_cond.to(x.dtype))
+        emb = self.time_embed(t_emb)
         if self.config.num_classes is not None:
             if class_labels is None:
                 raise ValueError("this UNet is class-conditional: pass class_labels (B,) as integers")

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from ..info import native_extension
-from .native import native_name, plan_arrays
+from .native import draws_noise, native_name, plan_arrays
 from .plan import Plan
+from .samplers import sampler_eta
 
-SAMPLER_IDS = {"ddim": 0, "euler": 1, "euler_a": 2, "dpmpp_2m": 3, "dpmpp_2m_karras": 3}
+SAMPLER_IDS = {"ddim": 0, "euler": 1, "euler_a": 2, "dpmpp_2m": 3, "dpmpp_2m_karras": 3, "lcm": 4, "tcd": 5}
 PREDICTION_IDS = {"eps": 0, "v": 1}
 
 
@@ -31,12 +32,13 @@ def bucket_key(sampler: str, shape: tuple, steps: int, guided: bool, prediction:
     return (SAMPLER_IDS[sampler], tuple(int(s) for s in shape), int(steps), bool(guided), PREDICTION_IDS[prediction])
 
 
-def step_table(sampler: str, plan: Plan, eta: float = 0.0) -> np.ndarray:
+def step_table(sampler: str, plan: Plan, eta: float | None = None) -> np.ndarray:
     """(steps, 16) float32 per-step coefficients (the native StepCoef layout), uploaded once per run."""
     ext = native_extension()
     if ext is None:
         raise RuntimeError("the native extension ldm_engine._C is not built")
-    return np.asarray(ext.step_table(native_name(sampler), eta=eta, **plan_arrays(sampler, plan)))
+    eta = sampler_eta(native_name(sampler), eta)
+    return np.asarray(ext.step_table(native_name(sampler), eta=eta, **plan_arrays(sampler, plan, eta)))
 
 
 @dataclass
@@ -59,7 +61,7 @@ class CudaGraphLoop:
         self._buckets: dict[tuple, _Bucket] = {}
 
     def run(self, sampler: str, raw_model, x: torch.Tensor, plan: Plan, prediction: str, guided: bool,
-            guidance: float, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+            guidance: float, eta: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         steps = len(plan.timesteps)
         key = bucket_key(sampler, x.shape, steps, guided, prediction)
         bucket = self._buckets.get(key) or self._capture(key, sampler, raw_model, x, steps, guided, prediction)
@@ -69,10 +71,9 @@ class CudaGraphLoop:
         t["guidance"].fill_(float(guidance))
         t["x"].copy_(x)
         t["prev"].zero_()
-        ancestral = sampler == "euler_a" or (sampler == "ddim" and eta > 0)
         t["step"].zero_()
-        for _ in range(steps):
-            if ancestral:
+        for i in range(steps):
+            if draws_noise(sampler, i, steps, eta):  # the noise a step adds, drawn in the reference's order
                 t["noise"].copy_(torch.randn(x.shape, generator=generator, dtype=torch.float32,
                                              device=generator.device if generator is not None else "cpu"))
             bucket.graph.replay()

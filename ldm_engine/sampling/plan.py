@@ -17,6 +17,7 @@ class Plan:
     # "sigma": latents are x = x0 + sigma eps (Euler samplers).
     space: str = "vp"
     init_sigma_leading: bool = False  # Euler with leading spacing starts at sqrt(sigma_max^2 + 1)
+    timestep_scaling: float = 10.0  # LCM: timestep scaling of the consistency boundary condition
 
     @property
     def num_train_timesteps(self) -> int:

@@ -5,7 +5,7 @@
 //
 //   loop_test <case-file>
 // case file lines: sampler prediction guided guidance eta / n_steps / timesteps / abar / abar_prev /
-//                  n_sigmas / sigmas / n_latent / latents
+//                  n_sigmas / sigmas / n_latent / latents [/ n_abar_s abar_s (TCD) / timestep_scaling (LCM)]
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -81,6 +81,16 @@ int main(int argc, char** argv) {
   if (!in) {
     std::fprintf(stderr, "loop_test: malformed case file\n");
     return 2;
+  }
+  std::size_t n_s;
+  if (in >> n_s) {  // optional: the consistency samplers' extra inputs
+    plan.abar_s.resize(n_s);
+    for (auto& a : plan.abar_s) in >> a;
+    in >> plan.timestep_scaling;
+    if (!in) {
+      std::fprintf(stderr, "loop_test: malformed abar_s / timestep_scaling in the case file\n");
+      return 2;
+    }
   }
   FakeDenoiser den(plan.guided);
   FakeNoise noise;
