@@ -79,12 +79,17 @@ class CLIPTextEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
+        """`output_layer` (negative, None: the config's): whose output feeds the final LayerNorm."""
         if ids.ndim != 2 or ids.shape[1] > self.config.max_length:
             raise ValueError(f"token ids must be (B, L<={self.config.max_length}), got shape {tuple(ids.shape)}")
+        n = len(self.encoder.layers)
+        output_layer = self.config.output_layer if output_layer is None else output_layer
+        if not -n <= output_layer <= -1:
+            raise ValueError(f"output_layer must be in [-{n}, -1], got {output_layer}")
         x = self.embeddings(ids)
         # output_layer -1 runs every layer; -2 (SD2) stops one before the last.
-        for layer in self.encoder.layers[: len(self.encoder.layers) + 1 + self.config.output_layer]:
+        for layer in self.encoder.layers[: n + 1 + output_layer]:
             x = layer(x)
         return self.final_layer_norm(x)
 

@@ -85,6 +85,10 @@ class CLIPTokenizer:
         self.bos_token_id, self.eos_token_id = self._bpe.bos_id, self._bpe.eos_id
         self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
 
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> its BPE token ids: no start/end tokens, no padding, no length limit."""
+        return self._bpe.encode(text)
+
     def encode(self, prompt: str) -> list[int]:
         """One prompt -> [start] + tokens + [end] + padding (max_length ids); long prompts are
         truncated with a warning that names the dropped words."""
