@@ -1,6 +1,7 @@
 """ONNX graphs of a loaded model, exported on first use into the artifact cache."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -27,23 +28,29 @@ def onnx_runtime_tag() -> str:
     return safe_part(f"ldm{__version__}_torch{torch.__version__.split('+')[0]}_opset{OPSET}")
 
 
-def onnx_key(model, component: str, dtype: str = "fp32", shape: Shape | None = None) -> str:
+def onnx_key(model, component: str, dtype: str = "fp32", shape: Shape | None = None,
+             output_layer: int | None = None) -> str:
+    """`output_layer` (the text encoder's, for clip skip) enters the key through the config it changes."""
     module = component_module(model, component)
     part_config = {"unet": model.config.unet, "vae_decoder": model.config.vae, "vae_encoder": model.config.vae,
                    "text_encoder": model.config.text_encoder}[component]
+    if output_layer is not None and component == "text_encoder":
+        part_config = dataclasses.replace(part_config, output_layer=output_layer)
     return artifact_key(component, weights_hash(module, part_config), shape.tag() if shape else "dynamic", dtype,
                         onnx_runtime_tag())
 
 
 def onnx_artifact(model, component: str, dtype: str = "fp32", shape: Shape | None = None,
-                  cache: ArtifactCache | None = None, progress: bool = True) -> Path:
+                  cache: ArtifactCache | None = None, progress: bool = True, output_layer: int | None = None) -> Path:
     """Path of `component`'s ONNX graph (model.onnx, maybe with model.onnx.data beside it) in the
-    cache, exported now when missing or damaged."""
+    cache, exported now when missing or damaged. `output_layer`: the text encoder's last layer when
+    not its own (clip skip): a graph of its own."""
     cache = cache or ArtifactCache()
-    key = onnx_key(model, component, dtype, shape)
+    key = onnx_key(model, component, dtype, shape, output_layer)
 
     def build(folder: Path) -> dict:
-        export_component(model, component, folder / "model.onnx", dtype, shape, progress=progress)
+        export_component(model, component, folder / "model.onnx", dtype, shape, progress=progress,
+                         output_layer=output_layer)
         return {"component": component, "dtype": dtype, "shape": shape.tag() if shape else "dynamic",
                 "source": str(model.source)}
 

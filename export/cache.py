@@ -15,6 +15,7 @@ The root is $LDM_ENGINE_CACHE, else $XDG_CACHE_HOME/ldm_engine, else ~/.cache/ld
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -39,12 +40,33 @@ def cache_root() -> Path:
     return Path(base) / "ldm_engine"
 
 
-_HASHES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, str, str]]" = weakref.WeakKeyDictionary()
+_HASHES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str, str]]" = weakref.WeakKeyDictionary()
+_SERIALS: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (its weak reference, serial)
+_next_serial = itertools.count()
 
 
-def _version_stamp(module: torch.nn.Module) -> int:
-    """Changes whenever a parameter is modified in place (torch bumps each tensor's version counter)."""
-    return sum(t._version for t in module.state_dict().values()) + len(module.state_dict())
+def _serial(t: torch.Tensor) -> int:
+    """A number never reused for another tensor object (ids and addresses are, once freed). Keyed by
+    id: tensors compare elementwise, so they cannot be dictionary keys themselves."""
+    entry = _SERIALS.get(id(t))
+    if entry is not None and entry[0]() is t:
+        return entry[1]
+    key, n = id(t), next(_next_serial)
+    _SERIALS[key] = (weakref.ref(t, lambda _: _forget_serial(key, n)), n)
+    return n
+
+
+def _forget_serial(key: int, n: int) -> None:
+    """The tensor with serial n died: drop its entry (unless its id was already taken over)."""
+    if _SERIALS.get(key, (None, None))[1] == n:
+        del _SERIALS[key]
+
+
+def _version_stamp(module: torch.nn.Module) -> tuple:
+    """Changes whenever a tensor is modified in place (torch bumps its version counter) or replaced by
+    another one (a new Parameter object, e.g. an enlarged embedding table, or new storage)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return tuple((_serial(t), t.data_ptr(), tuple(t.shape), t._version) for t in tensors)
 
 
 def weights_hash(module: torch.nn.Module, config=None) -> str:

@@ -5,11 +5,13 @@ the runtime backends and the TensorRT profiles all read the same spec, so names 
 Components (those a model has):
     text_encoder  input_ids (B, L) int64                       -> context (B, L, D)
     unet          sample (B, C, h, w), timestep (B,) float32,
-                  [context (B, L, D)], [class_labels (B,) int64] -> model_output (B, C_out, h, w)
+                  [context (B, L, D)], [class_labels (B,) int64],
+                  [timestep_cond (B, time_cond_proj_dim)]    -> model_output (B, C_out, h, w)
     vae_decoder   latent (B, z, h, w)                          -> image (B, 3, H, W) in [-1, 1]
     vae_encoder   image (B, 3, H, W)                           -> moments (B, 2z, h, w) (KL) | latent (B, z, h, w) (VQ)
 
-The UNet is exported for the classifier-free-guidance batch: B is 2 x images per call when guided.
+The UNet is exported for the classifier-free-guidance batch: B is 2 x images per call when guided
+(images per call for LCM-distilled UNets, whose guidance is the timestep_cond embedding).
 Latents here are the autoencoder's own, unscaled ones (scale_factor is applied by the pipeline).
 """
 from __future__ import annotations
@@ -61,26 +63,30 @@ class GraphSpec:
 
 
 class UNetGraph(nn.Module):
-    """The UNet with every input a tensor: timestep (B,) float32, optional context and class labels."""
+    """The UNet with every input a tensor: timestep (B,) float32, optional context, class labels and
+    (LCM-distilled UNets) the guidance embedding timestep_cond."""
 
-    def __init__(self, unet, has_context: bool, has_labels: bool):
+    def __init__(self, unet, has_context: bool, has_labels: bool, has_cond: bool = False):
         super().__init__()
-        self.unet, self.has_context, self.has_labels = unet, has_context, has_labels
+        self.unet, self.has_context, self.has_labels, self.has_cond = unet, has_context, has_labels, has_cond
 
     def forward(self, sample, timestep, *rest):
         rest = list(rest)
         context = rest.pop(0) if self.has_context else None
         labels = rest.pop(0) if self.has_labels else None
-        return self.unet(sample, timestep, context, class_labels=labels)
+        cond = rest.pop(0) if self.has_cond else None
+        return self.unet(sample, timestep, context, class_labels=labels, timestep_cond=cond)
 
 
 class TextEncoderGraph(nn.Module):
-    def __init__(self, text_encoder):
+    """The text encoder ending at `output_layer` (None: its own; another one for clip skip)."""
+
+    def __init__(self, text_encoder, output_layer: int | None = None):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.output_layer = text_encoder, output_layer
 
     def forward(self, input_ids):
-        return self.text_encoder(input_ids)
+        return self.text_encoder(input_ids, output_layer=self.output_layer)
 
 
 class DecoderGraph(nn.Module):
@@ -130,9 +136,10 @@ def default_example_shape(model) -> Shape:
     return Shape(8 * f, 8 * f, 1)
 
 
-def graph_spec(model, component: str, shape: Shape | None = None) -> GraphSpec:
+def graph_spec(model, component: str, shape: Shape | None = None, output_layer: int | None = None) -> GraphSpec:
     """The spec of one component. `shape` None: dynamic batch/height/width, traced at a small shape;
-    a Shape: everything static at that shape (the UNet at 2 x batch, the CFG batch)."""
+    a Shape: everything static at that shape (the UNet at 2 x batch, the CFG batch). `output_layer`:
+    the text encoder's last layer when not its own (clip skip)."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
     cfg = model.config
@@ -145,13 +152,14 @@ def graph_spec(model, component: str, shape: Shape | None = None) -> GraphSpec:
             raise ValueError("this model has no text encoder (it is unconditional or class-conditional)")
         tcfg = model.text_encoder.config
         ids = torch.zeros(b, tcfg.max_length, dtype=torch.int64)
-        return GraphSpec(component, TextEncoderGraph(model.text_encoder), ["input_ids"], ["context"], (ids,),
+        return GraphSpec(component, TextEncoderGraph(model.text_encoder, output_layer), ["input_ids"], ["context"], (ids,),
                          {"input_ids": {0: "batch"}, "context": {0: "batch"}} if dynamic else {})
     if component == "unet":
         ucfg = cfg.unet
         has_context = bool(ucfg.context_dim)
         has_labels = ucfg.num_classes is not None
-        b2 = 2 * b  # the classifier-free-guidance batch
+        has_cond = ucfg.time_cond_proj_dim is not None
+        b2 = b if has_cond else 2 * b  # the classifier-free-guidance batch (LCM-distilled UNets have none)
         names = ["sample", "timestep"]
         example = [torch.randn(b2, ucfg.in_channels, h, w), torch.full((b2,), 500.0)]
         axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
@@ -165,8 +173,12 @@ def graph_spec(model, component: str, shape: Shape | None = None) -> GraphSpec:
             names.append("class_labels")
             example.append(torch.zeros(b2, dtype=torch.int64))
             axes["class_labels"] = {0: "batch"}
-        floats = tuple(n for n in names if n in ("sample", "context"))
-        return GraphSpec(component, UNetGraph(model.unet, has_context, has_labels), names, ["model_output"],
+        if has_cond:
+            names.append("timestep_cond")
+            example.append(torch.randn(b2, ucfg.time_cond_proj_dim))
+            axes["timestep_cond"] = {0: "batch"}
+        floats = tuple(n for n in names if n in ("sample", "context", "timestep_cond"))
+        return GraphSpec(component, UNetGraph(model.unet, has_context, has_labels, has_cond), names, ["model_output"],
                          tuple(example), axes if dynamic else {}, floats)
     z = cfg.vae.embed_dim
     if component == "vae_decoder":

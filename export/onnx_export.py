@@ -58,19 +58,23 @@ def graph_metadata(model, component: str, dtype: str, shape: Shape | None) -> di
             "ldm_engine.shape": shape.tag() if shape else "dynamic",
             "ldm_engine.downsampling_factor": str(model.config.vae.downsampling_factor),
             "ldm_engine.pixel_multiple": str(pixel_multiple(model)),
-            "ldm_engine.context_tokens": str(text), "ldm_engine.model": model.config.name}
+            "ldm_engine.context_tokens": str(text), "ldm_engine.model": model.config.name,
+            # whether the UNet and text encoder run the CFG pair (LCM-distilled models do not)
+            "ldm_engine.cfg_batch": "0" if model.config.unet.time_cond_proj_dim is not None else "1"}
 
 
 def export_component(model, component: str, path: str | os.PathLike, dtype: str = "fp32",
-                     shape: Shape | None = None, opset: int = OPSET, progress: bool = True) -> Path:
+                     shape: Shape | None = None, opset: int = OPSET, progress: bool = True,
+                     output_layer: int | None = None) -> Path:
     """Write `component` of `model` (a LoadedModel) as ONNX at `path` (model.onnx; graphs over 2 GiB
     keep their weights in `path` + '.data'). `shape` None exports dynamic batch/height/width; a Shape
-    exports a static graph. Returns the path. Nothing is left at `path` when a step fails."""
+    exports a static graph. `output_layer`: the text encoder's last layer when not its own (clip skip).
+    Returns the path. Nothing is left at `path` when a step fails."""
     onnx = _require_onnx()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path)
-    spec = graph_spec(model, component, shape)
+    spec = graph_spec(model, component, shape, output_layer)
     torch_dtype = DTYPES[dtype]
     module = spec.module.eval()
     if any(p.dtype != torch_dtype for p in module.parameters()):  # never cast the caller's modules in place
@@ -89,7 +93,10 @@ def export_component(model, component: str, path: str | os.PathLike, dtype: str 
             bar.update()
             bar.set_postfix_str("save")
             proto = onnx.load(str(raw))  # pulls in any per-tensor files the exporter wrote
-            onnx.helper.set_model_props(proto, graph_metadata(model, component, dtype, shape))
+            meta = graph_metadata(model, component, dtype, shape)
+            if output_layer is not None:
+                meta["ldm_engine.output_layer"] = str(output_layer)
+            onnx.helper.set_model_props(proto, meta)
             large = _param_bytes(module) >= PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
             staged = Path(tmp) / path.name
             if large:

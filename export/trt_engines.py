@@ -23,6 +23,9 @@ ENGINE_SUFFIX = ".plan"
 SIDE_SUFFIX = ".json"
 # the batch axis of these components carries the CFG pair: prompts and negatives in one call
 CFG_COMPONENTS = ("unet", "text_encoder")
+# prompts longer than 75 tokens come in chunks: the UNet context grows to 77 x chunks tokens and the text
+# encoder sees one row per chunk; profiles cover 1 to this many chunks (77 to 231 tokens)
+MAX_PROMPT_CHUNKS = 3
 
 
 class EngineError(RuntimeError):
@@ -41,6 +44,7 @@ class GraphInfo:
     source_hash: str  # digest of the graph file (its weights included when stored beside it)
     static_shape: str = "dynamic"  # or the Shape tag a static graph was exported for
     pixel_multiple: int = 8  # image sides must divide by this (autoencoder factor x UNet downsamplings)
+    cfg_batch: bool = True  # the UNet / text encoder batch carries the CFG pair (not for LCM-distilled models)
 
 
 def read_graph(path: str | Path) -> GraphInfo:
@@ -60,19 +64,22 @@ def read_graph(path: str | Path) -> GraphInfo:
     return GraphInfo(meta["ldm_engine.component"], inputs, meta.get("ldm_engine.dtype", "fp32"),
                      int(meta["ldm_engine.downsampling_factor"]), int(meta["ldm_engine.context_tokens"]),
                      file_digest(path, path.with_name(path.name + ".data")), meta.get("ldm_engine.shape", "dynamic"),
-                     int(meta.get("ldm_engine.pixel_multiple", meta["ldm_engine.downsampling_factor"])))
+                     int(meta.get("ldm_engine.pixel_multiple", meta["ldm_engine.downsampling_factor"])),
+                     meta.get("ldm_engine.cfg_batch", "1") != "0")
 
 
-def input_shape(info: GraphInfo, name: str, shape: Shape) -> tuple[int, ...]:
-    """The concrete shape of input `name` for images of `shape` (symbolic dims filled in)."""
+def input_shape(info: GraphInfo, name: str, shape: Shape, chunks: int = 1) -> tuple[int, ...]:
+    """The concrete shape of input `name` for images of `shape` and prompts of `chunks` 77-token
+    chunks (symbolic dims filled in)."""
     f, m = info.downsampling_factor, info.pixel_multiple
     if shape.height % m or shape.width % m:
         raise ValueError(f"{shape.height}x{shape.width}: image sides must be multiples of {m} for this model")
     pixel = info.component == "vae_encoder"
-    fill = {"batch": shape.batch * (2 if info.component in CFG_COMPONENTS else 1),
+    fill = {"batch": shape.batch * (2 if info.component in CFG_COMPONENTS and info.cfg_batch else 1)
+            * (chunks if info.component == "text_encoder" else 1),
             "height": shape.height if pixel else shape.height // f,
             "width": shape.width if pixel else shape.width // f,
-            "tokens": info.context_tokens}
+            "tokens": info.context_tokens * chunks}
     dims = []
     for d in info.inputs[name]:
         if isinstance(d, str):
@@ -86,7 +93,8 @@ def input_shape(info: GraphInfo, name: str, shape: Shape) -> tuple[int, ...]:
 
 def profile_for(info: GraphInfo, lo: Shape, opt: Shape, hi: Shape) -> dict[str, tuple[tuple, tuple, tuple]]:
     """{input: (min, opt, max)} for one optimization profile. Checks min <= opt <= max per axis and
-    that a static graph is only asked for its own shape."""
+    that a static graph is only asked for its own shape. Prompts of 1 chunk at min and opt, up to
+    MAX_PROMPT_CHUNKS at max (the UNet context 77 to 231 tokens)."""
     for name, a, b in (("min", lo, opt), ("opt", opt, hi)):
         if a.height > b.height or a.width > b.width or a.batch > b.batch:
             raise ValueError(f"shapes must grow from min to opt to max; {name} {a.tag()} exceeds the next, {b.tag()}")
@@ -95,7 +103,8 @@ def profile_for(info: GraphInfo, lo: Shape, opt: Shape, hi: Shape) -> dict[str, 
         w, _, b = rest.partition("b")
         raise ValueError(f"{info.component} was exported with static shapes for {info.static_shape}; build it "
                          f"with --static {h}x{w},{b} (or export dynamic graphs)")
-    return {name: tuple(input_shape(info, name, s) for s in (lo, opt, hi)) for name in info.inputs}
+    return {name: (input_shape(info, name, lo), input_shape(info, name, opt),
+                   input_shape(info, name, hi, MAX_PROMPT_CHUNKS)) for name in info.inputs}
 
 
 def resolve_shapes(static: Shape | None, lo: Shape | None, opt: Shape | None, hi: Shape | None,

@@ -66,9 +66,15 @@ class GraphBackend(ABC):
     # ---- where graphs come from ------------------------------------------------------------------
 
     def graph_path(self, component: str) -> Path:
+        """`component`, or a graph key made by graph_key (the text encoder for another output layer)."""
+        component, output_layer = split_graph_key(component)
         if component not in self._components:
             raise ValueError(f"this model has no {component}")
         if self.onnx_dir is not None:
+            if output_layer is not None:
+                raise ValueError(f"clip skip needs a text encoder graph ending at layer {output_layer}, and onnx_dir "
+                                 f"{self.onnx_dir} holds the model's own one only; leave onnx_dir unset (graphs then "
+                                 "come from the artifact cache) or use the model's own layer")
             path = self.onnx_dir / f"{component}.onnx"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing; export it with python export/export_onnx.py "
@@ -76,17 +82,45 @@ class GraphBackend(ABC):
             return path
         from ..export.artifacts import onnx_artifact
 
-        return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress)
+        return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress, output_layer=output_layer)
+
+    def reload(self, component: str) -> None:
+        """Drop the loaded graphs of `component` (every output layer of the text encoder): the next call
+        resolves them again. Call it after the model's weights changed: the artifact cache key hashes the
+        weights, so new weights export a new graph and restored ones find their old graph again."""
+        if self.onnx_dir is not None:
+            raise ValueError(f"the graphs in onnx_dir {self.onnx_dir} are fixed, so the model's {component} weights "
+                             "cannot change (textual inversion, LoRA); leave onnx_dir unset: graphs then come from "
+                             "the artifact cache, exported from the model as it is")
+        for key in [k for k in self._loaded_keys() if split_graph_key(k)[0] == component]:
+            self._forget(key)
+
+    def check_weights_changeable(self, components) -> None:
+        """Raise before the model's weights change (LoRA) when this backend could not follow: fixed graphs."""
+        if self.onnx_dir is not None:
+            raise ValueError(f"the graphs in onnx_dir {self.onnx_dir} are fixed, so the model's "
+                             f"{' and '.join(components)} weights cannot change (LoRA); leave onnx_dir unset: graphs "
+                             "then come from the artifact cache, exported from the model as it is")
+
+    @abstractmethod
+    def _loaded_keys(self) -> list[str]:
+        """The graph keys this runtime holds loaded graphs for."""
+
+    @abstractmethod
+    def _forget(self, key: str) -> None:
+        """Drop everything loaded or compiled for one graph key."""
 
     @abstractmethod
     def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Run one component's graph on named numpy inputs; its first output."""
+        """Run one component's graph (or a graph key's) on named numpy inputs; its first output."""
 
     # ---- the backend interface -------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._run("text_encoder", {"input_ids": _np(ids, np.int64)}))
+    def encode_text(self, ids: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
+        """`output_layer` None: the text encoder's own; another layer runs a graph exported for it."""
+        key = graph_key("text_encoder", output_layer, self.model.text_encoder.config.output_layer)
+        return torch.from_numpy(self._run(key, {"input_ids": _np(ids, np.int64)}))
 
     @torch.no_grad()
     def embed_class(self, labels: torch.Tensor) -> torch.Tensor:
@@ -108,6 +142,10 @@ class GraphBackend(ABC):
             if labels is None:
                 raise ValueError("this UNet takes class labels (or noise levels): pass extra={'class_labels': ...}")
             feeds["class_labels"] = _np(labels, np.int64)
+        if (dim := self.model.config.unet.time_cond_proj_dim) is not None:  # LCM-distilled: the guidance embedding
+            cond = extra.get("timestep_cond")
+            # the projection has no bias, so a zero embedding is exactly the torch UNet without timestep_cond
+            feeds["timestep_cond"] = np.zeros((b, dim), np.float32) if cond is None else _np(cond, np.float32)
         return torch.from_numpy(self._run("unet", feeds))
 
     @torch.no_grad()
@@ -121,6 +159,17 @@ class GraphBackend(ABC):
             raise ValueError(f"image must have 3 channels, got shape {tuple(image.shape)}")
         out = torch.from_numpy(self._run("vae_encoder", {"image": _np(image, np.float32)}))
         return DiagonalGaussian(out) if self.model.config.vae.kind == "kl" else Deterministic(out)
+
+
+def graph_key(component: str, output_layer: int | None = None, own_layer: int | None = None) -> str:
+    """The name a runtime keeps one graph under: the component, or `text_encoder@-2` for the text
+    encoder exported to end at another layer than its own (clip skip)."""
+    return component if output_layer is None or output_layer == own_layer else f"{component}@{output_layer}"
+
+
+def split_graph_key(key: str) -> tuple[str, int | None]:
+    component, _, layer = key.partition("@")
+    return component, int(layer) if layer else None
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:

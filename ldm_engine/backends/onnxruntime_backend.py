@@ -84,6 +84,12 @@ class OnnxRuntimeBackend(GraphBackend):
                                                                   providers=self.providers)
         return self._sessions[component]
 
+    def _loaded_keys(self) -> list[str]:
+        return list(self._sessions)
+
+    def _forget(self, key: str) -> None:
+        self._sessions.pop(key, None)
+
     def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         session = self._session(component)
         if self.device.type != "cuda":

@@ -118,7 +118,7 @@ class OpenVINOBackend(GraphBackend):
             model = model.clone()
             model.reshape({name: self.ov.PartialShape(list(shape)) for name, shape in shapes.items()})
         config = dict(self.config)
-        if component == "text_encoder" or (component == "vae_decoder" and self.model.config.vae.kind == "vq"):
+        if component.startswith("text_encoder") or (component == "vae_decoder" and self.model.config.vae.kind == "vq"):
             # These run once per generation and decide a lot: the text encoder's output conditions every
             # step, and a VQ decoder snaps latents to the nearest codebook entry, which bf16 distances
             # get wrong (tiny VQ model: 27.8 dB against torch in bf16). Kept f32.
@@ -128,6 +128,13 @@ class OpenVINOBackend(GraphBackend):
         while len(known) > self.KEEP_SHAPES:
             known.popitem(last=False)
         return known[key]
+
+    def _loaded_keys(self) -> list[str]:
+        return list(set(self._models) | set(self._compiled))
+
+    def _forget(self, key: str) -> None:
+        self._models.pop(key, None)
+        self._compiled.pop(key, None)
 
     def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if component == "unet":

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..models.autoencoder import DiagonalGaussian, Deterministic
+from .graph_backend import graph_key, split_graph_key
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
                  "INT32": torch.int32}
@@ -36,6 +37,17 @@ def default_profile(model):
     native = model.config.image_size
     top = max(1024, 2 * native)
     return Shape(8 * f, 8 * f, 1), Shape(native, native, 1), Shape(top, top, 4)
+
+
+def engine_dir_path(engine_dir: Path, key: str, suffix: str) -> Path:
+    """The engine file for a graph key in a folder written by build_trt.py, which holds each
+    component's engine for the model's own text encoder layer only."""
+    component, layer = split_graph_key(key)
+    if layer is not None:
+        raise ValueError(f"clip skip needs a text encoder engine ending at layer {layer}, and engine_dir {engine_dir} "
+                         "holds the model's own one only; leave engine_dir unset (engines then build into the "
+                         "artifact cache) or use the model's own layer")
+    return Path(engine_dir) / f"{component}{suffix}"
 
 
 class _Engine:
@@ -76,7 +88,9 @@ class TensorRTBackend:
     graph_capturable = True  # enqueues on the current stream: the pipeline's CUDA graph can record it
 
     def __init__(self, model, device="cuda", dtype: torch.dtype | None = None, engine_dir=None,
-                 cuda_graph: bool = True, cache_dir=None):
+                 cuda_graph: bool = True, cache_dir=None, refit: bool = False):
+        """`refit`: build the engines made on first use refittable, so a LoRA change refits their weights
+        instead of building new engines (engine_dir engines are refitted when built with --refit)."""
         trt = _require()
         self.trt = trt
         self.model = model
@@ -94,33 +108,40 @@ class TensorRTBackend:
         self.gpu = torch.cuda.get_device_name(self.device)
         self._engines: dict[str, _Engine] = {}
         self._graphs: dict[tuple, tuple] = {}  # UNet input shapes -> (graph, static inputs, static output)
+        self.refit = refit
+        self._graph_of: dict[str, Path] = {}  # graph key -> the ONNX graph its engine's weights come from
+        self._changed: set[str] = set()  # components whose weights differ from engine_dir's engines
 
     # ---- engines ---------------------------------------------------------------------------------
 
-    def _engine_path(self, component: str) -> Path:
+    def _engine_path(self, key: str) -> Path:
+        """`key`: a component, or a graph key (the text encoder for another output layer)."""
         from ..export.trt_engines import ENGINE_SUFFIX
 
         if self.engine_dir is not None:
-            return self.engine_dir / f"{component}{ENGINE_SUFFIX}"
-        return self._build_cached(component)
+            return engine_dir_path(self.engine_dir, key, ENGINE_SUFFIX)
+        return self._build_cached(key)
 
-    def _build_cached(self, component: str) -> Path:
+    def _build_cached(self, graph: str) -> Path:
         """Export the graph and build its engine into the artifact cache (first use only)."""
         from ..export.artifacts import onnx_artifact, onnx_key, safe_part
         from ..export.cache import ArtifactCache
         from ..export.trt_engines import ENGINE_SUFFIX, build_engine, profile_for, read_graph
 
+        component, layer = split_graph_key(graph)
         cache = ArtifactCache(self.cache_dir)
         major = int(self.trt.__version__.split(".")[0])
         graph_dtype = self.precision if major >= 11 else "fp32"  # strongly typed: precision lives in the graph
-        onnx_path = onnx_artifact(self.model, component, graph_dtype, None, cache)
+        onnx_path = onnx_artifact(self.model, component, graph_dtype, None, cache, output_layer=layer)
         info = read_graph(onnx_path)
         profile = profile_for(info, *default_profile(self.model))
-        key = f"{onnx_key(self.model, component, graph_dtype)}-trt{self.trt.__version__}-{safe_part(self.gpu)}-" \
-              f"{self.precision}"
+        key = f"{onnx_key(self.model, component, graph_dtype, None, layer)}-trt{self.trt.__version__}-" \
+              f"{safe_part(self.gpu)}-{self.precision}" + ("-refit" if self.refit else "")
+        self._graph_of[graph] = onnx_path
 
         def build(folder: Path) -> dict:
-            return build_engine(onnx_path, folder / f"{component}{ENGINE_SUFFIX}", profile, self.precision, info)
+            return build_engine(onnx_path, folder / f"{component}{ENGINE_SUFFIX}", profile, self.precision, info,
+                                refit=self.refit)
 
         return cache.get_or_build("tensorrt", key, build) / f"{component}{ENGINE_SUFFIX}"
 
@@ -131,7 +152,38 @@ class TensorRTBackend:
             path = self._engine_path(component)
             record = check_record(path, self.trt.__version__, self.gpu)
             self._engines[component] = _Engine(self.trt, path, record, self.logger)
+            if self.engine_dir is not None and split_graph_key(component)[0] in self._changed:
+                self._refit(component, self._engines[component])  # the folder's engine has the old weights
         return self._engines[component]
+
+    def _current_graph(self, key: str) -> Path:
+        """The ONNX graph of the model's current weights (exported into the artifact cache when new)."""
+        from ..export.artifacts import onnx_artifact
+        from ..export.cache import ArtifactCache
+
+        component, layer = split_graph_key(key)
+        graph_dtype = self.precision if int(self.trt.__version__.split(".")[0]) >= 11 else "fp32"
+        return onnx_artifact(self.model, component, graph_dtype, None, ArtifactCache(self.cache_dir),
+                             output_layer=layer)
+
+    def _refit(self, key: str, eng: _Engine) -> bool:
+        """New weights into a refittable engine; False when it is not refittable or the graphs differ."""
+        from ..export.trt_engines import EngineError
+        from .tensorrt_refit import graph_weights, refit_engine, refit_plan
+
+        if not eng.record.get("refit"):
+            return False
+        new = self._current_graph(key)
+        old = self._graph_of.get(key)
+        try:
+            plan = refit_plan(graph_weights(old) if old else None, graph_weights(new))
+            refit_engine(self.trt, eng.engine, new, plan, self.logger)
+        except EngineError:
+            if self.engine_dir is not None:
+                raise
+            return False
+        self._graph_of[key] = new
+        return True
 
     def _run(self, component: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         eng = self.engine(component)
@@ -140,9 +192,45 @@ class TensorRTBackend:
 
     # ---- the backend interface -------------------------------------------------------------------
 
+    def check_weights_changeable(self, components) -> None:
+        """Raise before the model's weights change when engine_dir holds engines that cannot follow
+        (built without --refit)."""
+        if self.engine_dir is None:
+            return
+        import json
+
+        from ..export.trt_engines import ENGINE_SUFFIX, side_file
+
+        for component in components:
+            path = side_file(self.engine_dir / f"{component}{ENGINE_SUFFIX}")
+            try:
+                refittable = bool(json.loads(path.read_text()).get("refit"))
+            except (OSError, ValueError):
+                refittable = False
+            if not refittable:
+                raise ValueError(f"the engines in engine_dir {self.engine_dir} are fixed (built without --refit), so "
+                                 f"the model's {component} weights cannot change (textual inversion, LoRA); rebuild "
+                                 "them with python export/build_trt.py --refit, or leave engine_dir unset: engines "
+                                 "then build into the artifact cache from the model as it is")
+
+    def reload(self, component: str) -> None:
+        """Bring the engines of `component` in line with the model's current weights: refittable engines
+        get the new weights in place; the others are dropped (with the UNet's captured CUDA graphs) and
+        built again on the next call (the cache key hashes the weights)."""
+        self.check_weights_changeable([component])
+        if self.engine_dir is not None:
+            self._changed.add(component)
+        for key in [k for k in self._engines if split_graph_key(k)[0] == component]:
+            if not self._refit(key, self._engines[key]):
+                del self._engines[key]
+        if component == "unet":
+            self._graphs.clear()
+
     @torch.no_grad()
-    def encode_text(self, ids):
-        return self._run("text_encoder", {"input_ids": ids.long()})
+    def encode_text(self, ids, output_layer: int | None = None):
+        """`output_layer` None: the text encoder's own; another layer (clip skip) has an engine of its own."""
+        key = graph_key("text_encoder", output_layer, self.model.text_encoder.config.output_layer)
+        return self._run(key, {"input_ids": ids.long()})
 
     @torch.no_grad()
     def embed_class(self, labels):
@@ -156,6 +244,9 @@ class TensorRTBackend:
             feeds["context"] = context
         if extra.get("class_labels") is not None:
             feeds["class_labels"] = extra["class_labels"].long()
+        if (dim := self.model.config.unet.time_cond_proj_dim) is not None:  # LCM-distilled: the guidance embedding
+            cond = extra.get("timestep_cond")
+            feeds["timestep_cond"] = torch.zeros(z.shape[0], dim, device=self.device) if cond is None else cond
         # inside the pipeline's own CUDA-graph capture (denoiser + update as one graph) run plainly
         if self.cuda_graph and not torch.cuda.is_current_stream_capturing():
             return self._graph_step(feeds)

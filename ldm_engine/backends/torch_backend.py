@@ -36,8 +36,12 @@ class TorchBackend:
         self.kernels = kernels
 
     @torch.no_grad()
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.text_encoder(ids.to(self.device)).float()
+    def encode_text(self, ids: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
+        """`output_layer` None: the text encoder's own (clip skip picks an earlier one)."""
+        return self.model.text_encoder(ids.to(self.device), output_layer=output_layer).float()
+
+    def reload(self, component: str) -> None:
+        """Nothing to do: the reference modules run with whatever weights they hold now."""
 
     @torch.no_grad()
     def embed_class(self, labels: torch.Tensor) -> torch.Tensor:
@@ -46,10 +50,11 @@ class TorchBackend:
     @torch.no_grad()
     def denoise(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None = None) -> torch.Tensor:
         extra = extra or {}
-        labels = extra.get("class_labels")
+        labels, cond = extra.get("class_labels"), extra.get("timestep_cond")
         out = self.model.unet(z.to(self.device, self.dtype), t,
                               None if context is None else context.to(self.device, self.dtype),
-                              class_labels=None if labels is None else labels.to(self.device))
+                              class_labels=None if labels is None else labels.to(self.device),
+                              timestep_cond=None if cond is None else cond.to(self.device, self.dtype))
         return out.float()
 
     @torch.no_grad()
