@@ -13,6 +13,10 @@ EXAMPLES = """examples:
   ldm-generate "a castle" --model ./sd21-folder --sampler dpmpp_2m_karras --size 768x768 --num 2
   ldm-generate "a dog" --model sd15.safetensors --image in.png --strength 0.6 -o dog.png
   ldm-generate "a red sofa" --model inpaint.ckpt --image room.png --mask mask.png
+  ldm-generate "a castle" --model ./lcm-folder --sampler lcm --steps 4 --guidance 8.5   # an LCM-distilled model
+  ldm-generate "a castle" --model sd15.safetensors --lora style.safetensors:0.8
+  ldm-generate "a castle <lora:style:0.8>" --model sd15.safetensors --lora-dir loras/
+  ldm-generate "a (castle:1.2) in mystyle, BREAK night sky" --model sd15.safetensors --embedding mystyle.pt --clip-skip 2
 """
 
 
@@ -52,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--image", type=Path, help="input image: img2img, or inpainting with --mask")
     p.add_argument("--mask", type=Path, help="inpainting mask (white = repaint)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in [0, 1] (default 0.8)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting strength in [0, 1] (default 0.8; 1.0 for 9-channel inpainting models)")
     p.add_argument("--class-label", type=int, default=None, help="class for class-conditional models")
     p.add_argument("--num", type=int, default=1, help="images to generate (default 1)")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output PNG (numbered when --num > 1)")
@@ -62,7 +67,37 @@ def parser() -> argparse.ArgumentParser:
                    help="precision (default: the backend's own: fp32 for torch and onnxruntime, bf16 for openvino "
                         "where the CPU has it, fp16 for tensorrt)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="A1111's clip skip: 1 = the text encoder's own output layer, 2 = one layer earlier, ...")
+    p.add_argument("--prompt-syntax", default="a1111", choices=["a1111", "plain"],
+                   help="a1111 (default): (word) [word] (word:1.5) weights and BREAK; plain: brackets are text")
+    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="FILE",
+                   help="textual-inversion file to load (repeatable); its trigger is the file stem (A1111 files) or "
+                        "its token (diffusers learned_embeds)")
+    p.add_argument("--embedding-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of textual-inversion files, each used when its file stem appears in a prompt "
+                        "(repeatable)")
+    p.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA / LyCORIS file merged into the model at SCALE (default 1; repeatable)")
+    p.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of LoRA files for <lora:NAME:WEIGHT> prompt tags (repeatable)")
     return p
+
+
+def _lora(text: str) -> tuple[Path, float]:
+    """FILE[:SCALE] -> (file, scale); a colon not followed by a number belongs to the file name."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def ti_hashes(embeddings) -> str:
+    """A1111's "TI hashes" entry: name: hash, ... (names without ':' and ',')."""
+    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in embeddings)
 
 
 def _dtype(name: str | None):
@@ -76,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from . import CheckpointError, Pipeline
     from .defaults import default_model
+    from .adapters import hashes_text as lora_hashes
     from .images import save_png
 
     embedded = args.model is None
@@ -84,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.model = args.model or default_model()
         pipe = Pipeline.from_pretrained(args.model, config=args.config, backend=args.backend,
-                                        dtype=_dtype(args.dtype), device=args.device)
+                                        dtype=_dtype(args.dtype), device=args.device, prompt_syntax=args.prompt_syntax,
+                                        clip_skip=args.clip_skip, embedding_dirs=args.embedding_dir or None,
+                                        lora_dirs=args.lora_dir or None)
+        for embedding in args.embedding:
+            pipe.load_textual_inversion(embedding)
+        lora_tags = "".join(f"<lora:{pipe.load_lora(file, scale)}:{scale:g}>" for file, scale in args.lora)
         w, h = args.size or (None, None)
         out = pipe(args.prompt or None, negative_prompt=args.negative, height=h, width=w,
                    num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
@@ -96,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     params = {"prompt": args.prompt, "negative": args.negative or "", "steps": args.steps, "sampler": args.sampler,
               "guidance": args.guidance, "seed": out.seed, "size": f"{out.images[0].width}x{out.images[0].height}",
               "model": args.model.name, "model_hash": model_hash(args.model)}
+    if args.clip_skip is not None and args.clip_skip > 1:  # A1111 writes it from 2 on
+        params["Clip skip"] = args.clip_skip
+    if pipe.prompts is not None and (used := pipe.prompts.used_embeddings([args.prompt, args.negative or ""])):
+        params["TI hashes"] = ti_hashes(used)
+    if loras := pipe.loras + pipe.adapters.last_call:  # A1111: hashes in "Lora hashes", weights as prompt tags
+        params["prompt"] = args.prompt + lora_tags  # as A1111 records a LoRA it adds to every prompt
+        params["Lora hashes"] = lora_hashes(loras)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(out.images):
         path = args.output if len(out.images) == 1 else args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}")

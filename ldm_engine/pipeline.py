@@ -7,12 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters import LoraManager, restores_prompt_loras
 from .backends import make_backend
 from .defaults import default_model
 from . import tasks
 from .images import to_numpy, to_pil, to_tensor
 from .loading import LoadedModel, load_checkpoint
-from .sampling import check_sampler, make_plan, native, run_sampler
+from .prompts.encode import PromptEncoder
+from .models.unet import guidance_embedding
+from .sampling import check_sampler, make_plan, native, run_sampler, sampler_eta
 from .vae_tiling import decode_tiled
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,11 @@ def _check_finite(x: torch.Tensor, stage: str) -> None:
 
 class Pipeline:
     def __init__(self, model: LoadedModel, backend="torch", device="cpu", dtype: torch.dtype | None = None,
-                 scheduler: str = "cpp", **backend_options):
+                 scheduler: str = "cpp", prompt_syntax: str = "a1111", clip_skip: int | None = None,
+                 embedding_dirs=None, lora_dirs=None, **backend_options):
+        """`prompt_syntax` "a1111" ((x) [x] (x:1.5) BREAK) or "plain"; `clip_skip` the default for every
+        call (None: the model's own layer; A1111's meaning: 2 = one layer earlier); `embedding_dirs`
+        folders of textual-inversion files, each called up in prompts by its file stem."""
         if scheduler not in ("cpp", "python"):
             raise ValueError(f"scheduler must be 'cpp' (the native loop) or 'python', got {scheduler!r}")
         self.model = model
@@ -47,10 +54,19 @@ class Pipeline:
         self._graphs = None  # CUDA-graph loop, made on first use on a CUDA device
         self.backend = (make_backend(backend, model, device, dtype, **backend_options) if isinstance(backend, str)
                         else backend)
+        self.prompts = None  # prompt text -> context (text-conditioned models)
+        if model.text_encoder is not None:
+            self.prompts = PromptEncoder(model, self.backend, prompt_syntax, clip_skip, embedding_dirs,
+                                         on_change=self._text_encoder_changed)
+        elif embedding_dirs or clip_skip is not None:
+            raise ValueError(f"{model.config.name} has no text encoder: clip_skip and embedding_dirs do not apply")
+        # LoRA / LyCORIS files merged into the weights; `lora_dirs`: folders that <lora:NAME:w> prompt tags read
+        self.adapters = LoraManager(model, self.backend, lora_dirs, on_change=self._weights_changed)
 
     @classmethod
     def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype | None = None,
-                        device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp",
+                        device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp", prompt_syntax: str = "a1111",
+                        clip_skip: int | None = None, embedding_dirs=None, lora_dirs=None,
                         **backend_options) -> "Pipeline":
         """A pipeline over anything load_checkpoint reads (single file or diffusers folder); with no path,
         the embedded default model (64x64 shapes, e.g. "a red circle on a blue background").
@@ -60,14 +76,72 @@ class Pipeline:
         path = default_model() if path is None else path
         weights_dtype = dtype if backend == "torch" and dtype is not None else torch.float32  # graphs export from fp32
         return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=weights_dtype), backend, device, dtype,
-                   scheduler, **backend_options)
+                   scheduler, prompt_syntax, clip_skip, embedding_dirs, lora_dirs=lora_dirs, **backend_options)
 
     # ---- conditioning ----------------------------------------------------------------------------
 
-    def _text_context(self, prompts: list[str], negative: list[str], guided: bool):
-        ids = self.model.tokenizer(prompts + (negative if guided else []))
-        ctx = self.backend.encode_text(ids)  # one batch: prompts, then negatives
-        return (ctx[: len(prompts)], ctx[len(prompts):]) if guided else (ctx, None)
+    def _prompt_encoder(self) -> PromptEncoder:
+        if self.prompts is None:
+            raise ValueError(f"{self.config.name} has no text encoder: it takes no prompts or embeddings")
+        return self.prompts
+
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, uncond_context), each (B, 77·k, C): the prompts in the pipeline's syntax, long ones in
+        k chunks, the negatives (default: the empty prompt) padded to the same length. They can be
+        edited and passed back as prompt_embeds / negative_prompt_embeds."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return self._prompt_encoder().conditioning(prompts, negative_prompt, True, clip_skip,
+                                                   context_dim=self.config.unet.context_dim)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds); returns the
+        trigger that calls it up in prompts: `token`, else the file stem (A1111 files) or its key (diffusers)."""
+        return self._prompt_encoder().embeddings.load(path, token)
+
+    def unload_textual_inversions(self) -> None:
+        """Remove every embedding: the text encoder's token table is the original tensor again."""
+        self._prompt_encoder().embeddings.unload_all()
+
+    @property
+    def textual_inversions(self) -> dict:
+        """trigger -> Embedding (vectors, file, hash) for every embedding loaded."""
+        return dict(self.prompts.embeddings.loaded) if self.prompts is not None else {}
+
+    # ---- LoRA / LyCORIS ---------------------------------------------------------------------------
+
+    def load_lora(self, path, scale: float = 1.0, text_encoder_scale: float | None = None, strict: bool = True) -> str:
+        """Merge a LoRA / LoCon / LoHa / LoKr / DoRA file (kohya, A1111, LyCORIS, PEFT or diffusers keys) into
+        the weights: UNet updates times `scale`, text-encoder ones times `text_encoder_scale` (default:
+        `scale`). Returns its name (the file stem, made unique). `strict`: refuse a file of which fewer than
+        half the modules fit this model (a LoRA for another model); False applies whatever fits."""
+        return self.adapters.load(path, scale, text_encoder_scale, strict)
+
+    def set_lora_scale(self, name: str, scale: float, text_encoder_scale: float | None = None) -> None:
+        """New multipliers for a loaded LoRA: its weights are recomputed from the originals."""
+        self.adapters.set_scale(name, scale, text_encoder_scale)
+
+    def unload_lora(self, name: str) -> None:
+        self.adapters.unload(name)
+
+    def unload_loras(self) -> None:
+        """Every LoRA off: the touched weights are their originals again, bit for bit."""
+        self.adapters.unload()
+
+    @property
+    def loras(self) -> list[dict]:
+        """The loaded LoRAs: name, path, scales, hash (A1111's short sha256), modules matched of the file's."""
+        return self.adapters.loras
+
+    def _weights_changed(self, components: list[str]) -> None:
+        for component in components:
+            if hasattr(self.backend, "reload"):
+                self.backend.reload(component)
+        self._graphs = None  # a captured CUDA graph may hold engine weights that were refitted
+
+    def _text_encoder_changed(self) -> None:
+        if hasattr(self.backend, "reload"):  # graph backends re-resolve their text encoder graph
+            self.backend.reload("text_encoder")
 
     def _check_args(self, height, width, steps, strength, guidance_scale, sampler, image, mask_image):
         cfg = self.config
@@ -120,35 +194,51 @@ class Pipeline:
 
     # ---- generation ------------------------------------------------------------------------------
 
+    @restores_prompt_loras  # LoRAs loaded by this call's prompt tags are unloaded when it ends
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0, seed: int | None = None,
+                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 num_images_per_prompt: int = 1, image=None, mask_image=None, strength: float = 0.8,
+                 num_images_per_prompt: int = 1, image=None, mask_image=None, strength: float | None = None,
                  noise_level: int = 20, class_label: int | list[int] | None = None, output_type: str = "pil",
-                 progress: bool = True, callback=None) -> PipelineOutput:
+                 progress: bool = True, callback=None, clip_skip: int | None = None,
+                 prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None) -> PipelineOutput:
+        """`clip_skip` overrides the pipeline's for this call; `prompt_embeds` / `negative_prompt_embeds`
+        (B, 77·k, C), e.g. from encode_prompt, stand in for prompt / negative_prompt."""
         cfg = self.config
         if image is not None and (height is None or width is None):
             probe = to_tensor(image)
             height, width = height or probe.shape[-2], width or probe.shape[-1]
         height, width = height or cfg.image_size, width or cfg.image_size
+        # eta None: the sampler's own (DDIM 0, TCD's gamma 0.3); strength None: 1.0 for 9-channel inpainting, else 0.8
+        strength = tasks.default_strength(cfg, mask_image) if strength is None else strength
         self._check_args(height, width, num_inference_steps, strength, guidance_scale, sampler, image, mask_image)
+        eta = sampler_eta(sampler, eta)
+        plan = make_plan(sampler, num_inference_steps, cfg.schedule)  # refuses bad step counts before any work
         if generator is None:
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if seed is None else seed
             generator = torch.Generator("cpu").manual_seed(seed)
 
         # conditioning: computed once per call, never per step
         # classifier-free guidance needs a learned "empty" condition: text models have the empty prompt
-        guided = guidance_scale != 1.0 and cfg.conditioning == "text"
+        # an LCM-distilled UNet has the guidance built in: one call per step at batch B, w as an embedding
+        distilled = cfg.unet.time_cond_proj_dim is not None
+        guided = guidance_scale != 1.0 and cfg.conditioning == "text" and not distilled
+        if distilled and (negative_prompt or negative_prompt_embeds is not None):
+            raise ValueError(f"{cfg.name} is an LCM-distilled model: its guidance (w = guidance_scale - 1) is built "
+                             "into the UNet, which takes no negative prompt; leave negative_prompt unset")
         extra, context, uncond = {}, None, None
         if cfg.conditioning == "text":
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
-            negative = negative_prompt if negative_prompt is not None else ""
-            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-            if len(negative) != len(prompts):
-                raise ValueError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
-            context, uncond = self._text_context(prompts, negative, guided)
-            batch = len(prompts)
+            prompts = ([prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None
+                       else None if prompt_embeds is not None else [""])
+            if prompts is not None:  # <lora:NAME:w> tags: applied for this call, removed from the text
+                prompts = self.adapters.apply_prompt_tags(prompts)
+            context, uncond = self._prompt_encoder().conditioning(prompts, negative_prompt, guided, clip_skip, prompt_embeds,
+                                                                  negative_prompt_embeds, cfg.unet.context_dim)
+            batch = context.shape[0]
+        elif prompt_embeds is not None or negative_prompt_embeds is not None or clip_skip is not None:
+            raise ValueError(f"{cfg.name} is not text-conditioned: prompt_embeds and clip_skip do not apply")
         elif cfg.conditioning == "class":
             if class_label is None:
                 raise ValueError(f"{cfg.name} is class-conditional: pass class_label (0..{cfg.num_classes - 1})")
@@ -171,7 +261,6 @@ class Pipeline:
         if cfg.task == "upscale":  # the latent is the size of the low-res image; the output f times larger
             height, width = height * f, width * f
         shape = (batch, cfg.vae.embed_dim, height // f, width // f)
-        plan = make_plan(sampler, num_inference_steps, cfg.schedule)
         scale = cfg.scale_factor
 
         def noise_fn() -> torch.Tensor:
@@ -193,6 +282,9 @@ class Pipeline:
             start = tasks.txt2img(plan, noise_fn())
         if start.class_labels is not None:
             extra["class_labels"] = torch.cat([start.class_labels] * (2 if guided else 1)).to(self.backend.device)
+        if distilled:
+            w = torch.full((batch,), guidance_scale - 1.0)
+            extra["timestep_cond"] = guidance_embedding(w, cfg.unet.time_cond_proj_dim).to(self.backend.device)
 
         cfg_context = torch.cat([uncond, context]) if guided else context  # built once, not per step
 

@@ -33,9 +33,9 @@ def test_profiles_size_the_cfg_batch_and_latents(graphs):
     unet = profile_for(read_graph(out / "unet.onnx"), lo, opt, hi)
     assert unet["sample"] == ((2, 4, 8, 8), (4, 4, 16, 24), (8, 4, 32, 32))  # 2 x images, latent = pixels / 2
     assert unet["timestep"] == ((2,), (4,), (8,))
-    assert unet["context"] == ((2, 77, 32), (4, 77, 32), (8, 77, 32))
+    assert unet["context"] == ((2, 77, 32), (4, 77, 32), (8, 231, 32))  # prompts of 1 to 3 chunks
     text = profile_for(read_graph(out / "text_encoder.onnx"), lo, opt, hi)
-    assert text["input_ids"] == ((2, 77), (4, 77), (8, 77))  # prompts and negatives in one batch
+    assert text["input_ids"] == ((2, 77), (4, 77), (24, 77))  # prompts and negatives, a row per chunk
     dec = profile_for(read_graph(out / "vae_decoder.onnx"), lo, opt, hi)
     assert dec["latent"] == ((1, 4, 8, 8), (2, 4, 16, 24), (4, 4, 32, 32))
     enc = profile_for(read_graph(out / "vae_encoder.onnx"), lo, opt, hi)
