@@ -60,7 +60,8 @@ def test_graph_backends_follow_a_lora_and_find_the_original_again(backend, tmp_p
     exports.clear()
     pipe.load_lora(path, 0.9)
     got = pipe(**KW).images
-    assert sorted(exports) == ["text_encoder", "unet"]  # the changed weights miss the cache: new graphs
+    # the UNet keeps its original graph with the changed tensors swapped in; the small text encoder re-exports
+    assert exports == ["text_encoder"]
     assert psnr(expected, got) >= 40.0 and psnr(plain, got) < 30.0
     exports.clear()
     pipe.unload_loras()

@@ -62,7 +62,9 @@ def test_onnxruntime_and_openvino_run_the_new_weights(exported):
     assert np.abs(want - old).max() > 0.05  # the edit matters
     arrays = wo.replacement_arrays(wm, changed)
 
-    so = ort.SessionOptions()
+    from ldm_engine.backends.onnxruntime_backend import session_options
+
+    so = session_options()  # works beside a backend's process-wide thread pool
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # lowered by add_to_session_options
     keep = wo.add_to_session_options(so, arrays)
     got = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]

@@ -94,6 +94,11 @@ class LoraManager:
 
     # ---- model side ------------------------------------------------------------------------------
 
+    def original_weights(self, component: str) -> dict[str, torch.Tensor]:
+        """{parameter name: original tensor} of what the adapters changed in `component` (the graph
+        backends run their original-weights graph with the live values of these swapped in)."""
+        return self._merger.originals_of(component)
+
     def _live(self, key: ParamKey) -> torch.Tensor:
         component, name = key
         return resolve_parameter(getattr(self.model, component), name)

@@ -43,6 +43,10 @@ class WeightMerger:
         """Parameters that currently differ from (or may differ from) their originals."""
         return set(self._originals)
 
+    def originals_of(self, component: str) -> dict[str, torch.Tensor]:
+        """{parameter name: original tensor} of `component`'s parameters changed since the load."""
+        return {name: t for (c, name), t in self._originals.items() if c == component}
+
     def original(self, key: ParamKey) -> torch.Tensor:
         return self._originals[key] if key in self._originals else self._resolve(key).detach()
 

@@ -16,6 +16,7 @@ import torch
 
 from ..models.autoencoder import DiagonalGaussian, Deterministic
 from ..models.autoencoder_blocks import _check_image
+from .base_graphs import BaseGraphs
 
 
 def physical_cores() -> int:
@@ -55,6 +56,7 @@ class GraphBackend(ABC):
         self.progress = progress
         self._components = available_components(model)
         self._cache = None
+        self.base_graphs = BaseGraphs()  # the UNet graph of the original weights, reused after a LoRA
         if self.onnx_dir is None:
             from ..export.cache import ArtifactCache
 
@@ -83,6 +85,23 @@ class GraphBackend(ABC):
         from ..export.artifacts import onnx_artifact
 
         return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress, output_layer=output_layer)
+
+    def graph_source(self, key: str) -> tuple[Path, dict[str, np.ndarray]]:
+        """The graph to load for a graph key, and the initializers to replace in it: after a LoRA the UNet
+        keeps the graph of its original weights plus the changed tensors (no new export), everything else
+        resolves the graph of the weights as they are."""
+        component, output_layer = split_graph_key(key)
+        if self.onnx_dir is None and output_layer is None and self.base_graphs.applies(component):
+            from ..export.artifacts import component_module, onnx_artifact
+
+            module = component_module(self.model, component)
+            path = self.base_graphs.path(component, module, lambda: onnx_artifact(
+                self.model, component, "fp32", None, self._cache, self.progress))
+            try:
+                return path, self.base_graphs.overrides(component, module)
+            except KeyError:  # logged; this component re-exports from now on
+                pass
+        return self.graph_path(key), {}
 
     def reload(self, component: str) -> None:
         """Drop the loaded graphs of `component` (every output layer of the text encoder): the next call

@@ -77,12 +77,15 @@ class OnnxRuntimeBackend(GraphBackend):
 
     def _session(self, component: str):
         if component not in self._sessions:
+            from ..export.weight_overrides import add_to_session_options
+
             so = session_options(None if self.shared_pool else self.threads)
             so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
-            self._sessions[component] = self.ort.InferenceSession(str(self.graph_path(component)), so,
-                                                                  providers=self.providers)
-        return self._sessions[component]
+            path, arrays = self.graph_source(component)
+            keep = add_to_session_options(so, arrays) if arrays else []  # alive as long as the session
+            self._sessions[component] = (self.ort.InferenceSession(str(path), so, providers=self.providers), keep)
+        return self._sessions[component][0]
 
     def _loaded_keys(self) -> list[str]:
         return list(self._sessions)

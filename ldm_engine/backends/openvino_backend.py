@@ -70,7 +70,12 @@ class OpenVINOBackend(GraphBackend):
 
     def _read(self, component: str):
         if component not in self._models:
-            model = self.core.read_model(str(self.graph_path(component)))
+            from ..export.weight_overrides import replace_constants
+
+            path, arrays = self.graph_source(component)
+            model = self.core.read_model(str(path))
+            if arrays:  # tensors changed since the graph was exported (LoRA): swapped in, no new export
+                replace_constants(model, arrays)
             if component == "unet" and self.precision != "f32":
                 model = self._embedding_as_input(model)
             self._models[component] = model
