@@ -32,10 +32,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in to_numpy(images)]
 
 
-def save_png(image: Image.Image, path, parameters: dict) -> None:
-    """Write a PNG with the generation parameters as text chunks (one per key, plus `parameters`)."""
+def save_png(image: Image.Image, path, parameters: dict, infotext: str | None = None) -> None:
+    """Write a PNG with the generation parameters as text chunks: one per key, plus `parameters` (the
+    A1111 infotext when given, see ldm_engine.infotext; else the pairs joined with '; ')."""
     info = PngImagePlugin.PngInfo()
     for k, v in parameters.items():
         info.add_text(k, str(v))
-    info.add_text("parameters", "; ".join(f"{k}: {v}" for k, v in parameters.items()))
+    info.add_text("parameters", infotext if infotext is not None else "; ".join(f"{k}: {v}" for k, v in parameters.items()))
     image.save(path, pnginfo=info)

@@ -13,7 +13,7 @@ def test_generate_writes_png_with_parameters(sd1_folder, tmp_path, capsys):
     assert image.size == (16, 24)
     assert image.text["prompt"] == "a photo of a cat" and image.text["seed"] == "7"
     assert image.text["sampler"] == "euler" and image.text["negative"] == "blurry"
-    assert len(image.text["model_hash"]) == 10 and "steps: 2" in image.text["parameters"]
+    assert len(image.text["model_hash"]) == 10 and "Steps: 2, Sampler: Euler" in image.text["parameters"]
     assert "seed 7" in capsys.readouterr().out
 
 
