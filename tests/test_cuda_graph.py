@@ -55,3 +55,13 @@ def test_graph_loop_refuses_without_cuda():
 
 def test_build_reports_cuda_part():
     assert _C.cuda_compiled() == hasattr(_C, "cuda")
+
+
+def test_input_signature_separates_context_lengths_and_extra_inputs():
+    from ldm_engine.sampling.cuda_graph import input_signature
+
+    ctx = {"context": torch.zeros(2, 77, 768), "concat": None}
+    assert input_signature(ctx) == input_signature({"concat": None, "context": torch.ones(2, 77, 768)})
+    assert input_signature(ctx) != input_signature({"context": torch.zeros(2, 154, 768), "concat": None})
+    assert input_signature(ctx) != input_signature({**ctx, "concat": torch.zeros(1, 5, 8, 8)})
+    assert input_signature(ctx) != input_signature({"context": torch.zeros(2, 77, 768, dtype=torch.float16), "concat": None})

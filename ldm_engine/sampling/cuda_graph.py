@@ -3,8 +3,9 @@
 [select timestep -> (scale input) -> denoiser -> fused guidance + update -> advance step] is captured
 once per (sampler, latent shape, steps, guided, prediction) bucket and replayed once per step. The
 per-step coefficients, the timesteps and the guidance scale live in device buffers indexed by a device
-step counter, so a new seed, prompt or guidance scale reuses the graph; every tensor the graph reads or
-writes is owned by its bucket and stays alive with it. On a GPU this removes per-step kernel-launch and
+step counter, and the per-call inputs (context, concatenated channels, extra UNet inputs) are copied
+into buffers the bucket owns, so a new seed, prompt or guidance scale reuses the graph; every tensor the
+graph reads or writes is owned by its bucket and stays alive with it. On a GPU this removes per-step kernel-launch and
 Python overhead from the critical path.
 """
 from __future__ import annotations
@@ -41,6 +42,12 @@ def step_table(sampler: str, plan: Plan, eta: float | None = None) -> np.ndarray
     return np.asarray(ext.step_table(native_name(sampler), eta=eta, **plan_arrays(sampler, plan, eta)))
 
 
+def input_signature(inputs: dict[str, torch.Tensor | None]) -> tuple:
+    """The per-call inputs' names, shapes and dtypes: a graph is captured per signature (a 154-token
+    context or an extra input channel changes kernel shapes)."""
+    return tuple((k, None if v is None else (tuple(v.shape), str(v.dtype))) for k, v in sorted(inputs.items()))
+
+
 @dataclass
 class _Bucket:
     graph: object
@@ -61,11 +68,19 @@ class CudaGraphLoop:
         self._buckets: dict[tuple, _Bucket] = {}
 
     def run(self, sampler: str, raw_model, x: torch.Tensor, plan: Plan, prediction: str, guided: bool,
-            guidance: float, eta: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            guidance: float, eta: float | None = None, generator: torch.Generator | None = None,
+            inputs: dict[str, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """`raw_model(x, t, inputs)` reads every per-call tensor (context, concatenated channels, extra
+        UNet inputs) from `inputs`: the graph is captured on buffers of its own, and each run copies this
+        call's values into them, so a new prompt reuses the graph instead of replaying the old one's."""
+        inputs = dict(inputs or {})
         steps = len(plan.timesteps)
-        key = bucket_key(sampler, x.shape, steps, guided, prediction)
-        bucket = self._buckets.get(key) or self._capture(key, sampler, raw_model, x, steps, guided, prediction)
+        key = bucket_key(sampler, x.shape, steps, guided, prediction) + input_signature(inputs)
+        bucket = self._buckets.get(key) or self._capture(key, sampler, raw_model, x, steps, guided, prediction, inputs)
         t = bucket.tensors
+        for name, value in inputs.items():
+            if value is not None:
+                t["inputs"][name].copy_(value)
         t["table"].copy_(torch.from_numpy(step_table(sampler, plan, eta)))
         t["timesteps"].copy_(torch.tensor([float(v) for v in plan.timesteps]))
         t["guidance"].fill_(float(guidance))
@@ -79,10 +94,11 @@ class CudaGraphLoop:
             bucket.graph.replay()
         return t["x"].clone()
 
-    def _capture(self, key, sampler, raw_model, x, steps, guided, prediction) -> _Bucket:
+    def _capture(self, key, sampler, raw_model, x, steps, guided, prediction, inputs) -> _Bucket:
         ext, dev = self._ext, x.device
         n = x.numel()
         t = {
+            "inputs": {k: None if v is None else torch.empty_like(v, device=dev) for k, v in inputs.items()},
             "x": torch.zeros_like(x, dtype=torch.float32), "xin": torch.zeros_like(x, dtype=torch.float32),
             "prev": torch.zeros_like(x, dtype=torch.float32), "noise": torch.zeros_like(x, dtype=torch.float32),
             "table": torch.zeros(steps, 16, device=dev), "timesteps": torch.zeros(steps, device=dev),
@@ -97,7 +113,7 @@ class CudaGraphLoop:
                                  t["table"].data_ptr(), t["in_scale"].data_ptr(), stream)
             if sigma_space:
                 ext.cuda.scale_input(t["x"].data_ptr(), t["xin"].data_ptr(), t["in_scale"].data_ptr(), n, stream)
-            out = raw_model(t["xin"] if sigma_space else t["x"], t["t"][0]).float().contiguous()
+            out = raw_model(t["xin"] if sigma_space else t["x"], t["t"][0], t["inputs"]).float().contiguous()
             t["out"] = out  # the graph's output buffer: keep it alive
             ext.cuda.fused_update(key[0], key[4], t["table"].data_ptr(), t["step"].data_ptr(), t["x"].data_ptr(),
                                   t["prev"].data_ptr(), out.data_ptr(), guided, t["guidance"].data_ptr(),
