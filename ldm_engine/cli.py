@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   ldm-generate "a red sofa" --model inpaint.ckpt --image room.png --mask mask.png
   ldm-generate "a castle" --model ./lcm-folder --sampler lcm --steps 4 --guidance 8.5   # an LCM-distilled model
   ldm-generate "a castle" --model sd15.safetensors --lora style.safetensors:0.8
+  ldm-generate "a house" --model sd15.safetensors --controlnet canny.safetensors --control-image photo.png --canny 100,200
   ldm-generate "a castle <lora:style:0.8>" --model sd15.safetensors --lora-dir loras/
   ldm-generate "a (castle:1.2) in mystyle, BREAK night sky" --model sd15.safetensors --embedding mystyle.pt --clip-skip 2
 """
@@ -81,6 +82,14 @@ def parser() -> argparse.ArgumentParser:
                    help="LoRA / LyCORIS file merged into the model at SCALE (default 1; repeatable)")
     p.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="folder of LoRA files for <lora:NAME:WEIGHT> prompt tags (repeatable)")
+    p.add_argument("--controlnet", type=Path, action="append", default=[], metavar="FILE",
+                   help="ControlNet file or diffusers folder (repeatable; one --control-image each, in order)")
+    p.add_argument("--control-image", type=Path, action="append", default=[], metavar="IMG",
+                   help="control image for the ControlNet of the same position (stretched to the output size)")
+    p.add_argument("--control-scale", type=float, action="append", default=[], metavar="S",
+                   help="ControlNet weight (default 1; one value for all or one per ControlNet)")
+    p.add_argument("--canny", type=_thresholds, default=None, metavar="LOW,HIGH",
+                   help="turn the control images into Canny edge maps first (e.g. 100,200; needs OpenCV)")
     return p
 
 
@@ -95,9 +104,60 @@ def _lora(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+def _thresholds(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--canny takes LOW,HIGH thresholds such as 100,200, got {text!r}") from None
+    return low, high
+
+
+def _control(pipe, args) -> tuple[dict, dict]:
+    """Load the --controlnet files and make their control images -> (pipeline arguments, PNG entries)."""
+    from .control.params import controlnet_entries
+    from .control.preprocess import preprocess
+
+    if len(args.control_image) != len(args.controlnet):
+        raise ValueError(f"{len(args.controlnet)} --controlnet but {len(args.control_image)} --control-image; "
+                         "give one control image per ControlNet")
+    if not args.controlnet:
+        if args.canny or args.control_scale:
+            raise ValueError("--canny and --control-scale need --controlnet FILE --control-image IMG")
+        return {}, {}
+    for file in args.controlnet:
+        pipe.load_controlnet(file)
+    module = "canny" if args.canny else "none"
+    options = dict(zip(("low", "high"), args.canny)) if args.canny else {}
+    try:
+        images = [preprocess(img, module, **options) for img in args.control_image]
+    except ImportError as e:  # OpenCV missing: one sentence, not a traceback
+        raise RuntimeError(str(e)) from None
+    n = len(images)
+    scales = args.control_scale or [1.0]
+    scales = scales * n if len(scales) == 1 else scales
+    kwargs = dict(control_image=images, controlnet_conditioning_scale=scales)
+    return kwargs, controlnet_entries(pipe.control.loaded, [module] * n, scales, [0.0] * n, [1.0] * n,
+                                      [args.canny] * n)
+
+
 def ti_hashes(embeddings) -> str:
     """A1111's "TI hashes" entry: name: hash, ... (names without ':' and ',')."""
     return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.hash}" for e in embeddings)
+
+
+def a1111_parameters(params: dict, args, out) -> str:
+    """The `parameters` chunk in A1111's infotext form (what A1111's PNG Info tab and civitai read)."""
+    from . import __version__
+    from .infotext import A1111_SAMPLER_NAMES, infotext
+
+    model = args.model.stem if args.model.is_file() else args.model.name
+    strength = args.strength if args.image is not None else None
+    return infotext(params["prompt"], params["negative"], {
+        "Steps": args.steps, "Sampler": A1111_SAMPLER_NAMES.get(args.sampler, args.sampler),
+        "CFG scale": f"{args.guidance:g}", "Seed": out.seed, "Size": params["size"], "Model hash": params["model_hash"],
+        "Model": model, "Denoising strength": strength, "Clip skip": params.get("Clip skip"),
+        "Lora hashes": params.get("Lora hashes"), "TI hashes": params.get("TI hashes"),
+        **{k: v for k, v in params.items() if k.startswith("ControlNet ")}, "Version": f"ldm_engine {__version__}"})
 
 
 def _dtype(name: str | None):
@@ -126,17 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         for embedding in args.embedding:
             pipe.load_textual_inversion(embedding)
         lora_tags = "".join(f"<lora:{pipe.load_lora(file, scale)}:{scale:g}>" for file, scale in args.lora)
+        control_kwargs, control_params = _control(pipe, args)
         w, h = args.size or (None, None)
         out = pipe(args.prompt or None, negative_prompt=args.negative, height=h, width=w,
                    num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                    seed=args.seed, num_images_per_prompt=args.num, image=args.image, mask_image=args.mask,
-                   strength=args.strength, class_label=args.class_label)
+                   strength=args.strength, class_label=args.class_label, **control_kwargs)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"ldm-generate: error: {e}", file=sys.stderr)
         return 2
     params = {"prompt": args.prompt, "negative": args.negative or "", "steps": args.steps, "sampler": args.sampler,
               "guidance": args.guidance, "seed": out.seed, "size": f"{out.images[0].width}x{out.images[0].height}",
               "model": args.model.name, "model_hash": model_hash(args.model)}
+    params.update(control_params)
     if args.clip_skip is not None and args.clip_skip > 1:  # A1111 writes it from 2 on
         params["Clip skip"] = args.clip_skip
     if pipe.prompts is not None and (used := pipe.prompts.used_embeddings([args.prompt, args.negative or ""])):
@@ -144,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if loras := pipe.loras + pipe.adapters.last_call:  # A1111: hashes in "Lora hashes", weights as prompt tags
         params["prompt"] = args.prompt + lora_tags  # as A1111 records a LoRA it adds to every prompt
         params["Lora hashes"] = lora_hashes(loras)
+    text = a1111_parameters(params, args, out)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(out.images):
         path = args.output if len(out.images) == 1 else args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}")
-        save_png(image, path, params)
+        save_png(image, path, params, text)
         print(f"wrote {path} (seed {out.seed})")
     return 0
 

@@ -9,6 +9,7 @@ import torch
 
 from .adapters import LoraManager, restores_prompt_loras
 from .backends import make_backend
+from .control.manager import ControlNets
 from .defaults import default_model
 from . import tasks
 from .images import to_numpy, to_pil, to_tensor
@@ -62,6 +63,9 @@ class Pipeline:
             raise ValueError(f"{model.config.name} has no text encoder: clip_skip and embedding_dirs do not apply")
         # LoRA / LyCORIS files merged into the weights; `lora_dirs`: folders that <lora:NAME:w> prompt tags read
         self.adapters = LoraManager(model, self.backend, lora_dirs, on_change=self._weights_changed)
+        if hasattr(self.backend, "base_graphs"):  # graph backends keep the original UNet graph across LoRAs
+            self.backend.base_graphs.original_weights = self.adapters.original_weights
+        self.control = ControlNets(model, self.backend)  # ControlNets whose residuals join every UNet call
 
     @classmethod
     def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype | None = None,
@@ -133,6 +137,22 @@ class Pipeline:
         """The loaded LoRAs: name, path, scales, hash (A1111's short sha256), modules matched of the file's."""
         return self.adapters.loras
 
+    # ---- ControlNet -------------------------------------------------------------------------------
+
+    def load_controlnet(self, path) -> str:
+        """Load a ControlNet (original .safetensors/.pth/.ckpt, `control_model.*` or bare keys, or a diffusers
+        ControlNetModel folder) made for this model's family; returns its name (the file stem, made unique).
+        Every loaded ControlNet takes part in each call, in load order, with its own control_image."""
+        return self.control.load(path)
+
+    def unload_controlnets(self) -> None:
+        self.control.unload()
+
+    @property
+    def controlnets(self) -> list[str]:
+        """The names of the loaded ControlNets, in load order."""
+        return [c.name for c in self.control.loaded]
+
     def _weights_changed(self, components: list[str]) -> None:
         for component in components:
             if hasattr(self.backend, "reload"):
@@ -166,17 +186,16 @@ class Pipeline:
         if cfg.task == "upscale" and image is None:
             raise ValueError(f"{cfg.name} is an upscaler: pass the low-resolution image")
 
-    def _graph_loop_run(self, sampler, raw_model, start, prediction, guided, guidance, eta, generator):
-        """CUDA: every input the captured graph reads must already live on the device."""
+    def _graph_loop_run(self, sampler, raw_model, inputs, start, prediction, guided, guidance, eta, generator):
+        """CUDA: the captured graph reads this call's inputs from device buffers of its own."""
         from .sampling.cuda_graph import CudaGraphLoop
 
         if self._graphs is None:
             self._graphs = CudaGraphLoop()
         dev = self.backend.device
-        if start.concat is not None:
-            start.concat = start.concat.to(dev)
+        inputs = {k: None if v is None else v.to(dev) for k, v in inputs.items()}
         return self._graphs.run(sampler, raw_model, start.x.to(dev), start.plan, prediction, guided, guidance, eta,
-                                generator).cpu()
+                                generator, inputs).cpu()
 
     def enable_vae_tiling(self, tile: int = 64, overlap: int = 16) -> None:
         """Decode latents larger than `tile` (latent pixels) in overlapping tiles: bounded memory."""
@@ -203,9 +222,15 @@ class Pipeline:
                  noise_level: int = 20, class_label: int | list[int] | None = None, output_type: str = "pil",
                  progress: bool = True, callback=None, clip_skip: int | None = None,
                  prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None) -> PipelineOutput:
+                 negative_prompt_embeds: torch.Tensor | None = None, control_image=None,
+                 controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False) -> PipelineOutput:
         """`clip_skip` overrides the pipeline's for this call; `prompt_embeds` / `negative_prompt_embeds`
-        (B, 77·k, C), e.g. from encode_prompt, stand in for prompt / negative_prompt."""
+        (B, 77·k, C), e.g. from encode_prompt, stand in for prompt / negative_prompt.
+        `control_image`: one image per loaded ControlNet, RGB in [0, 1] at the output size (others are
+        stretched: see ldm_engine.control.hint); the scale, start and end (fractions of the steps) are one
+        value or one per ControlNet; `guess_mode`: the ControlNets see only the conditional CFG half."""
         cfg = self.config
         if image is not None and (height is None or width is None):
             probe = to_tensor(image)
@@ -214,6 +239,8 @@ class Pipeline:
         # eta None: the sampler's own (DDIM 0, TCD's gamma 0.3); strength None: 1.0 for 9-channel inpainting, else 0.8
         strength = tasks.default_strength(cfg, mask_image) if strength is None else strength
         self._check_args(height, width, num_inference_steps, strength, guidance_scale, sampler, image, mask_image)
+        control = self.control.prepare(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, height, width)
         eta = sampler_eta(sampler, eta)
         plan = make_plan(sampler, num_inference_steps, cfg.schedule)  # refuses bad step counts before any work
         if generator is None:
@@ -287,12 +314,20 @@ class Pipeline:
             extra["timestep_cond"] = guidance_embedding(w, cfg.unet.time_cond_proj_dim).to(self.backend.device)
 
         cfg_context = torch.cat([uncond, context]) if guided else context  # built once, not per step
+        if control is not None:  # the ControlNets' residuals for each denoiser call
+            control = control.bind(start.plan.timesteps, cfg_context, guided, batch, n)
 
-        def raw_model(x_in: torch.Tensor, t) -> torch.Tensor:
-            """The UNet on the CFG batch: [uncond; cond] outputs when guided."""
-            if start.concat is not None:
-                x_in = torch.cat([x_in, start.concat], dim=1)
-            return self.backend.denoise(torch.cat([x_in, x_in]) if guided else x_in, t, cfg_context, extra)
+        # the tensors every denoiser call reads; the CUDA-graph loop swaps in copies it owns
+        call_inputs = {"context": cfg_context, "concat": start.concat, **extra}
+
+        def raw_model(x_in: torch.Tensor, t, inputs: dict = call_inputs) -> torch.Tensor:
+            """The UNet (with the ControlNets' residuals) on the CFG batch: [uncond; cond] outputs when guided."""
+            step_extra = {k: v for k, v in inputs.items() if k not in ("context", "concat")}
+            if control is not None:
+                step_extra["control"] = control(x_in, t)
+            if inputs["concat"] is not None:
+                x_in = torch.cat([x_in, inputs["concat"]], dim=1)
+            return self.backend.denoise(torch.cat([x_in, x_in]) if guided else x_in, t, inputs["context"], step_extra)
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             out = raw_model(x_in, t)
@@ -311,8 +346,10 @@ class Pipeline:
         # The native loop runs whole trajectories; per-step hooks (latent blending, callbacks) need Python.
         native_ok = (self.scheduler == "cpp" and native.available(sampler) and start.callback is None
                      and callback is None and cfg.prediction_type in ("eps", "v"))
-        if native_ok and self.backend.device.type == "cuda" and getattr(self.backend, "graph_capturable", False):
-            x = self._graph_loop_run(sampler, raw_model, start, cfg.prediction_type, guided, guidance_scale, eta, generator)
+        if (native_ok and control is None and self.backend.device.type == "cuda"
+                and getattr(self.backend, "graph_capturable", False)):
+            x = self._graph_loop_run(sampler, raw_model, call_inputs, start, cfg.prediction_type, guided, guidance_scale,
+                                     eta, generator)
         elif native_ok:
             x = native.run_native(sampler, raw_model, start.x, start.plan, cfg.prediction_type, guided, guidance_scale,
                                   eta, generator, disable=not progress)

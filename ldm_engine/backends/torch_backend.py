@@ -16,6 +16,7 @@ class TorchBackend:
 
     name = "torch"
     graph_capturable = True  # its calls can be recorded into the pipeline's CUDA graph
+    accepts_control = True  # denoise takes ControlNet residuals as extra["control"]
 
     def __init__(self, model, device="cpu", dtype: torch.dtype | None = None, kernels: str | None = "auto"):
         self.model = model
@@ -50,11 +51,12 @@ class TorchBackend:
     @torch.no_grad()
     def denoise(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None = None) -> torch.Tensor:
         extra = extra or {}
-        labels, cond = extra.get("class_labels"), extra.get("timestep_cond")
+        labels, cond, control = extra.get("class_labels"), extra.get("timestep_cond"), extra.get("control")
         out = self.model.unet(z.to(self.device, self.dtype), t,
                               None if context is None else context.to(self.device, self.dtype),
                               class_labels=None if labels is None else labels.to(self.device),
-                              timestep_cond=None if cond is None else cond.to(self.device, self.dtype))
+                              timestep_cond=None if cond is None else cond.to(self.device, self.dtype),
+                              control=None if control is None else [c.to(self.device, self.dtype) for c in control])
         return out.float()
 
     @torch.no_grad()

@@ -95,45 +95,84 @@ class TimestepSequential(nn.Sequential):
         return x
 
 
+def make_resblock(cfg: UNetConfig, cin: int, cout: int, resample: str | None = None) -> ResBlock:
+    return ResBlock(cin, cfg.time_embed_dim, cout, cfg.norm_groups, cfg.use_scale_shift_norm, resample)
+
+
+def make_attention(cfg: UNetConfig, ch: int, level: int | None) -> nn.Module:
+    """The attention layer of a block on `ch` channels at `level` (None: the middle block)."""
+    heads, dim_head = cfg.heads_for(ch)
+    if cfg.use_spatial_transformer:
+        no_self = level is not None and bool(cfg.disable_self_attentions and cfg.disable_self_attentions[level])
+        return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+                                  cfg.use_linear_in_transformer, cfg.norm_groups, no_self)
+    return AttentionBlock(ch, heads, cfg.norm_groups)
+
+
+def build_encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepSequential, list[int]]:
+    """The UNet's encoder half, shared with ControlNet: (input_blocks, middle_block, channels of each
+    skip connection, one per input block)."""
+    mc = cfg.model_channels
+    input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_chans, ch, ds = [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [make_resblock(cfg, ch, mult * mc)]
+            ch = mult * mc
+            if ds in cfg.attention_resolutions:
+                layers.append(make_attention(cfg, ch, level))
+            input_blocks.append(TimestepSequential(*layers))
+            skip_chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            input_blocks.append(TimestepSequential(make_resblock(cfg, ch, ch, "down") if cfg.resblock_updown
+                                                   else Downsample(ch)))
+            skip_chans.append(ch)
+            ds *= 2
+    middle_block = TimestepSequential(make_resblock(cfg, ch, ch), make_attention(cfg, ch, None), make_resblock(cfg, ch, ch))
+    return input_blocks, middle_block, skip_chans
+
+
+def add_time_embeddings(net: nn.Module, cfg: UNetConfig) -> None:
+    """time_embed (+ time_embed_cond for LCM-distilled nets, label_emb for class-conditional ones)."""
+    mc, ted = cfg.model_channels, cfg.time_embed_dim
+    net.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+    if cfg.time_cond_proj_dim is not None:  # LCM-distilled: the guidance embedding joins the timestep's
+        net.time_embed_cond = nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)
+    if cfg.num_classes is not None:
+        net.label_emb = nn.Embedding(cfg.num_classes, ted)
+
+
+def embed_time(net: nn.Module, x: torch.Tensor, t, class_labels=None, timestep_cond=None) -> torch.Tensor:
+    """(B, time_embed_dim) embedding of timestep t (scalar or (B,)), plus the LCM guidance embedding and
+    the class embedding where `net` (a UNet or ControlNet made with add_time_embeddings) has them."""
+    cfg = net.config
+    t = torch.as_tensor(t, device=x.device)
+    t = t.expand(x.shape[0]) if t.ndim == 0 else t
+    t_emb = timestep_embedding(t, cfg.model_channels).to(x.dtype)
+    if timestep_cond is not None:
+        if cfg.time_cond_proj_dim is None:
+            raise ValueError("timestep_cond is for LCM-distilled UNets (time_cond_proj_dim set); this UNet has none")
+        t_emb = t_emb + net.time_embed_cond(timestep_cond.to(x.dtype))
+    emb = net.time_embed(t_emb)
+    if cfg.num_classes is not None:
+        if class_labels is None:
+            raise ValueError("this UNet is class-conditional: pass class_labels (B,) as integers")
+        emb = emb + net.label_emb(torch.as_tensor(class_labels, device=x.device).long().expand(x.shape[0]))
+    return emb
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
-        mc, ted, g = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+        mc, g = cfg.model_channels, cfg.norm_groups
 
         def res(cin: int, cout: int, resample: str | None = None) -> ResBlock:
-            return ResBlock(cin, ted, cout, g, cfg.use_scale_shift_norm, resample)
+            return make_resblock(cfg, cin, cout, resample)
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        if cfg.time_cond_proj_dim is not None:  # LCM-distilled: the guidance embedding joins the timestep's
-            self.time_embed_cond = nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)
-        if cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, ted)
-
-        def attention(ch: int, level: int | None) -> nn.Module:
-            heads, dim_head = cfg.heads_for(ch)
-            if cfg.use_spatial_transformer:
-                no_self = level is not None and bool(cfg.disable_self_attentions and cfg.disable_self_attentions[level])
-                return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
-                                          cfg.use_linear_in_transformer, g, no_self)
-            return AttentionBlock(ch, heads, g)
-
-        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_chans, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [res(ch, mult * mc)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(attention(ch, level))
-                self.input_blocks.append(TimestepSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepSequential(res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)))
-                skip_chans.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepSequential(res(ch, ch), attention(ch, None), res(ch, ch))
+        add_time_embeddings(self, cfg)
+        self.input_blocks, self.middle_block, skip_chans = build_encoder(cfg)
+        ch, ds = skip_chans[-1], 2 ** (len(cfg.channel_mult) - 1)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -141,7 +180,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch + skip_chans.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(attention(ch, level))
+                    layers.append(make_attention(cfg, ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(res(ch, ch, "up") if cfg.resblock_updown else Upsample(ch))
                     ds //= 2
@@ -154,22 +193,14 @@ class UNetModel(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, timestep_cond: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, C_in, h, w), t scalar or (B,), context (B, L, context_dim) -> model output (B, C_out, h, w).
         timestep_cond (B, time_cond_proj_dim): an LCM-distilled UNet's guidance embedding (guidance_embedding),
-        projected and added to the sinusoidal timestep embedding; without it the UNet runs unconditioned on w."""
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
-        if timestep_cond is not None:
-            if self.config.time_cond_proj_dim is None:
-                raise ValueError("timestep_cond is for LCM-distilled UNets (time_cond_proj_dim set); this UNet has none")
-            t_emb = t_emb + self.time_embed_cond(timestep_cond.to(x.dtype))
-        emb = self.time_embed(t_emb)
-        if self.config.num_classes is not None:
-            if class_labels is None:
-                raise ValueError("this UNet is class-conditional: pass class_labels (B,) as integers")
-            emb = emb + self.label_emb(torch.as_tensor(class_labels, device=x.device).long().expand(x.shape[0]))
+        projected and added to the sinusoidal timestep embedding; without it the UNet runs unconditioned on w.
+        control: ControlNet residuals, one per input block (added to the skips) and the middle one last
+        (added after the middle block), as the ControlNet paper's ControlledUnetModel."""
+        emb = embed_time(self, x, t, class_labels, timestep_cond)
         if self.config.context_dim is not None and self.config.use_spatial_transformer and context is None:
             raise ValueError("this UNet uses cross-attention: pass context (B, L, %d)" % self.config.context_dim)
         hs, h = [], x
@@ -177,6 +208,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(hs) + 1:
+                raise ValueError(f"control needs {len(hs) + 1} residuals (one per input block and the middle "
+                                 f"one), got {len(control)}")
+            hs = [s + c for s, c in zip(hs, control)]
+            h = h + control[-1]
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
