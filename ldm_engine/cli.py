@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a single-file checkpoint or a diffusers folder (default: the embedded shapes model)")
     p.add_argument("--config", help="preset name (sd-1.5, sd-2.1-v, ...) or original YAML; default: detect")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; 20 for the embedded model)")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="sampler (default ddim)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="sampler (default: a diffusers folder's own scheduler, else ddim)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default 7.5; 4 for the embedded model)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe.load_textual_inversion(embedding)
         lora_tags = "".join(f"<lora:{pipe.load_lora(file, scale)}:{scale:g}>" for file, scale in args.lora)
         control_kwargs, control_params = _control(pipe, args)
+        args.sampler = args.sampler or pipe.config.default_sampler
         w, h = args.size or (None, None)
         out = pipe(args.prompt or None, negative_prompt=args.negative, height=h, width=w,
                    num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,

@@ -216,7 +216,7 @@ class Pipeline:
     @restores_prompt_loras  # LoRAs loaded by this call's prompt tags are unloaded when it ends
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float | None = None, seed: int | None = None,
+                 guidance_scale: float = 7.5, sampler: str | None = None, eta: float | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, image=None, mask_image=None, strength: float | None = None,
                  noise_level: int = 20, class_label: int | list[int] | None = None, output_type: str = "pil",
@@ -232,6 +232,7 @@ class Pipeline:
         stretched: see ldm_engine.control.hint); the scale, start and end (fractions of the steps) are one
         value or one per ControlNet; `guess_mode`: the ControlNets see only the conditional CFG half."""
         cfg = self.config
+        sampler = sampler or cfg.default_sampler  # a diffusers folder's own scheduler, as diffusers runs it
         if image is not None and (height is None or width is None):
             probe = to_tensor(image)
             height, width = height or probe.shape[-2], width or probe.shape[-1]

@@ -171,3 +171,40 @@ def test_stable_diffusion_folders_see_the_pipelines_offset_fixup(sd1_folder, tmp
         swapped.set_timesteps(7)
         np.testing.assert_allclose(make_plan(sampler, 7, schedule).timesteps.astype(np.float64),
                                    swapped.timesteps.numpy().astype(np.float64), atol=1e-4)
+
+
+# ---- the folder's own scheduler is the default sampler -------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler, expected", [
+    ("EulerAncestralDiscreteScheduler", "euler_a"), ("DPMSolverMultistepScheduler", "dpmpp_2m"),
+    ("PNDMScheduler", "plms"), ("LCMScheduler", "lcm")])
+def test_a_call_without_sampler_runs_the_folders_scheduler_as_diffusers_does(sd1_folder, tmp_path, scheduler, expected):
+    import diffusers
+
+    folder = tmp_path / "model"
+    shutil.copytree(sd1_folder, folder)
+    base = diffusers.DDIMScheduler.from_pretrained(sd1_folder / "scheduler")
+    options = {"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}
+    getattr(diffusers, scheduler).from_config(base.config, **options).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", scheduler]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, guidance_scale=1.5, height=16, width=16, output_type="np")
+    expected_images = ref("a red circle", generator=torch.Generator().manual_seed(5), **kw).images
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.config.default_sampler == expected
+    got = pipe("a red circle", seed=5, progress=False, **kw).images
+    assert np.abs(got - expected_images).max() <= TOL
+
+
+def test_schedulers_without_a_matching_sampler_fall_back_to_ddim():
+    from ldm_engine.loading.diffusers_config import sampler_for_scheduler
+
+    assert sampler_for_scheduler({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}) == "dpmpp_2m_karras"
+    assert sampler_for_scheduler({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}) is None
+    assert sampler_for_scheduler({"_class_name": "PNDMScheduler"}) is None  # with the Runge-Kutta warm-up
+    assert sampler_for_scheduler({"_class_name": "UniPCMultistepScheduler"}) is None

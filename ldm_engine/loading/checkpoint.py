@@ -196,6 +196,13 @@ def _load_diffusers(folder: Path, cfg: LDMConfig | None, dtype) -> LoadedModel:
         if task == "upscale" and scale == 0.18215:  # the x4 upscaler's VAE runs at 0.08333, as diffusers assumes
             log.warning("%s: upscaler autoencoder with scaling_factor 0.18215; using 0.08333", folder)
             cfg.scale_factor = 0.08333
+        if sched_file.is_file():
+            sched_c = json.loads(sched_file.read_text())
+            own = dc.sampler_for_scheduler(sched_c)
+            if own is None:
+                log.info("%s: its %s has no matching sampler here; calls default to ddim", folder,
+                         sched_c.get("_class_name"))
+            cfg.default_sampler = own or "ddim"
         low_res = folder / "low_res_scheduler" / "scheduler_config.json"
         if low_res.is_file():
             cfg.noise_aug_schedule = dc.schedule_config(json.loads(low_res.read_text()))[0]

@@ -128,3 +128,20 @@ def schedule_config(c: dict, pipeline_class: str | None = None) -> tuple[Schedul
     if pipeline_class in _OFFSET_FIXUP_PIPELINES and "steps_offset" in given:
         given["steps_offset"] = 1
     return ScheduleConfig(**{"steps_offset": 0, **given}, explicit=explicit), pred
+
+
+def sampler_for_scheduler(c: dict) -> str | None:
+    """The ldm_engine sampler that runs what a scheduler_config.json describes (diffusers' pipelines use
+    the folder's scheduler unless told otherwise), or None when none does (that scheduler's algorithm
+    or options are not implemented here)."""
+    name = c.get("_class_name")
+    if name == "DPMSolverMultistepScheduler":
+        if c.get("algorithm_type", "dpmsolver++") != "dpmsolver++" or c.get("solver_order", 2) != 2:
+            return None
+        return "dpmpp_2m_karras" if c.get("use_karras_sigmas") else "dpmpp_2m"
+    if name == "EulerDiscreteScheduler" and c.get("use_karras_sigmas"):
+        return None
+    if name == "PNDMScheduler" and not c.get("skip_prk_steps", False):
+        return None  # the Runge-Kutta warm-up steps are not implemented; plms is the skip_prk_steps variant
+    return {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "plms", "EulerDiscreteScheduler": "euler",
+            "EulerAncestralDiscreteScheduler": "euler_a", "LCMScheduler": "lcm", "TCDScheduler": "tcd"}.get(name)

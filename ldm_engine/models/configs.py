@@ -151,6 +151,8 @@ class LDMConfig:
     # x4 upscaler: the schedule that noises the low-res input, and the highest noise level it accepts
     noise_aug_schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(beta_start=0.0001, beta_end=0.02))
     max_noise_level: int = 350
+    # the sampler a call without sampler= runs: a diffusers folder's own scheduler, else DDIM
+    default_sampler: str = "ddim"
 
     def __post_init__(self):
         if self.conditioning not in ("text", "class", "none"):
