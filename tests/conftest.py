@@ -15,6 +15,20 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 import torch
 
+# a fixed latent-shaped pattern for the stand-in denoiser below
+FAKE_PATTERN = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+
+
+def smooth_fake_model(x, t):
+    """A smooth stand-in UNet output that depends on x and t and keeps latents O(1): sampler trajectories
+    can be compared with diffusers' schedulers without a network."""
+    import math
+
+    t = float(t)
+    x = x / x.std()
+    return (0.9 + 0.05 * math.cos(t / 300.0)) * x + 0.1 * FAKE_PATTERN.to(x.dtype) * math.sin(t / 150.0 + 0.3)
+
+
 TINY_TEXT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                  vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 

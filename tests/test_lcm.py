@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAKE_PATTERN, smooth_fake_model
+
 from ldm_engine import Pipeline
 from ldm_engine.bench import psnr
 from ldm_engine.models.configs import ScheduleConfig
@@ -18,15 +20,11 @@ from ldm_engine.sampling.native import run_native
 
 TOL = 1e-5
 PIXEL_TOL = 2 / 255
-FIXED = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
 PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
-def fake_model(x, t):
-    """A smooth stand-in UNet that depends on x and t and keeps latents O(1)."""
-    t = float(t)
-    x = x / x.std()
-    return (0.9 + 0.05 * math.cos(t / 300.0)) * x + 0.1 * FIXED.to(x.dtype) * math.sin(t / 150.0 + 0.3)
+fake_model = smooth_fake_model
+FIXED = FAKE_PATTERN
 
 
 @pytest.fixture(scope="module")

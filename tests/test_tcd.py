@@ -9,19 +9,18 @@ import torch
 
 from ldm_engine import Pipeline, _C
 from ldm_engine.models.configs import ScheduleConfig
+from conftest import FAKE_PATTERN, smooth_fake_model
+
 from ldm_engine.sampling import make_plan, run_sampler
 from ldm_engine.sampling.native import plan_arrays, run_native
 from ldm_engine.sampling.tcd import intermediate_timestep
 
 TOL = 1e-5
-FIXED = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
 PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
-def fake_model(x, t):
-    t = float(t)
-    x = x / x.std()
-    return (0.9 + 0.05 * math.cos(t / 300.0)) * x + 0.1 * FIXED.to(x.dtype) * math.sin(t / 150.0 + 0.3)
+fake_model = smooth_fake_model
+FIXED = FAKE_PATTERN
 
 
 def diffusers_trajectory(steps, pred, gamma, noise, seed):

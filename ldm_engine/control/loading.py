@@ -5,7 +5,6 @@ the file's shapes are checked against it first, so a ControlNet for another mode
 with a message before any weight is used."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 from ..loading import CheckpointError
 from ..loading import diffusers_config as dc
-from ..loading.files import read_state_dict
+from ..loading.files import read_json, read_state_dict
 from ..loading.keymaps import diffusers_unet_to_original
 from ..loading.modules import load_strict
 from ..models.configs import UNetConfig
@@ -126,10 +125,7 @@ def diffusers_controlnet(folder: Path, unet: UNetConfig, dtype=torch.float32) ->
                               "Pipeline.from_pretrained")
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder}: not a diffusers ControlNet folder (no config.json)")
-    try:
-        c = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    c = read_json(cfg_file)
     if c.get("_class_name") != "ControlNetModel":
         raise CheckpointError(f"{folder}: holds a {c.get('_class_name')!r}, not a ControlNetModel")
     if c.get("controlnet_conditioning_channel_order", "rgb") != "rgb":

@@ -16,7 +16,7 @@ from . import diffusers_config as dc
 from .detect import detect_config
 from .errors import CheckpointError
 from .export import CONFIG_KEY
-from .files import read_metadata, read_state_dict
+from .files import read_json, read_metadata, read_state_dict
 from .keymaps import diffusers_unet_to_original, diffusers_vae_to_original, ema_weights, openclip_text_to_reference
 from .modules import load_strict
 from .yaml_config import config_from_yaml
@@ -146,10 +146,7 @@ def _component(folder: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_file = sub / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{sub}: missing config.json")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    config = read_json(cfg_file)
     for w in _WEIGHT_NAMES:
         if (sub / w).is_file():
             return config, read_state_dict(sub / w)

@@ -18,6 +18,14 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
 
 
+def read_json(path: Path) -> dict:
+    """A JSON config file, or a CheckpointError naming it when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
 def _check_safetensors_header(path: Path) -> None:
     """Validate the header against the file size before the library maps the file."""
     size = path.stat().st_size
