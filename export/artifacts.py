@@ -18,7 +18,8 @@ def safe_part(text: str) -> str:
 
 
 def component_module(model, component: str) -> torch.nn.Module:
-    return {"text_encoder": model.text_encoder, "unet": model.unet}.get(component, model.vae)
+    modules = {"text_encoder": model.text_encoder, "unet": model.unet, "unet_control": model.unet}
+    return modules.get(component, model.vae)
 
 
 def onnx_runtime_tag() -> str:
@@ -32,8 +33,8 @@ def onnx_key(model, component: str, dtype: str = "fp32", shape: Shape | None = N
              output_layer: int | None = None) -> str:
     """`output_layer` (the text encoder's, for clip skip) enters the key through the config it changes."""
     module = component_module(model, component)
-    part_config = {"unet": model.config.unet, "vae_decoder": model.config.vae, "vae_encoder": model.config.vae,
-                   "text_encoder": model.config.text_encoder}[component]
+    part_config = {"unet": model.config.unet, "unet_control": model.config.unet, "vae_decoder": model.config.vae,
+                   "vae_encoder": model.config.vae, "text_encoder": model.config.text_encoder}[component]
     if output_layer is not None and component == "text_encoder":
         part_config = dataclasses.replace(part_config, output_layer=output_layer)
     return artifact_key(component, weights_hash(module, part_config), shape.tag() if shape else "dynamic", dtype,
@@ -55,3 +56,27 @@ def onnx_artifact(model, component: str, dtype: str = "fp32", shape: Shape | Non
                 "source": str(model.source)}
 
     return cache.get_or_build("onnx", key, build) / "model.onnx"
+
+
+def controlnet_key(model, net, dtype: str = "fp32", shape: Shape | None = None) -> str:
+    """The cache key of ControlNet `net`'s graph: its own weights and config (not the UNet's), plus what
+    of `model` the graph's metadata records (its autoencoder factor and prompt length)."""
+    context = model.text_encoder.config.max_length if model.text_encoder is not None else 0
+    config = {"controlnet": dataclasses.asdict(net.control_config),
+              "downsampling_factor": model.config.vae.downsampling_factor, "context_tokens": context}
+    return artifact_key("controlnet", weights_hash(net, config), shape.tag() if shape else "dynamic", dtype,
+                        onnx_runtime_tag())
+
+
+def controlnet_artifact(model, net, dtype: str = "fp32", shape: Shape | None = None,
+                        cache: ArtifactCache | None = None, progress: bool = True) -> Path:
+    """Path of ControlNet `net`'s ONNX graph (export/control_graphs.py) in the cache, exported now when
+    missing or damaged; a second pipeline with the same ControlNet file finds it again."""
+    cache = cache or ArtifactCache()
+
+    def build(folder: Path) -> dict:
+        export_component(model, "controlnet", folder / "model.onnx", dtype, shape, progress=progress, controlnet=net)
+        return {"component": "controlnet", "dtype": dtype, "shape": shape.tag() if shape else "dynamic",
+                "source": str(model.source)}
+
+    return cache.get_or_build("onnx", controlnet_key(model, net, dtype, shape), build) / "model.onnx"

@@ -9,6 +9,8 @@ Components (those a model has):
                   [timestep_cond (B, time_cond_proj_dim)]    -> model_output (B, C_out, h, w)
     vae_decoder   latent (B, z, h, w)                          -> image (B, 3, H, W) in [-1, 1]
     vae_encoder   image (B, 3, H, W)                           -> moments (B, 2z, h, w) (KL) | latent (B, z, h, w) (VQ)
+With ControlNets (export/control_graphs.py): `controlnet` (one per loaded ControlNet) and
+`unet_control` (the UNet taking the ControlNet residuals as inputs).
 
 The UNet is exported for the classifier-free-guidance batch: B is 2 x images per call when guided
 (images per call for LCM-distilled UNets, whose guidance is the timestep_cond embedding).
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+CONTROL_COMPONENTS = ("unet_control", "controlnet")  # graphs that exist once a ControlNet is loaded
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -64,18 +67,21 @@ class GraphSpec:
 
 class UNetGraph(nn.Module):
     """The UNet with every input a tensor: timestep (B,) float32, optional context, class labels and
-    (LCM-distilled UNets) the guidance embedding timestep_cond."""
+    (LCM-distilled UNets) the guidance embedding timestep_cond; then `residuals` ControlNet residuals
+    (the unet_control graph) or none."""
 
-    def __init__(self, unet, has_context: bool, has_labels: bool, has_cond: bool = False):
+    def __init__(self, unet, has_context: bool, has_labels: bool, has_cond: bool = False, residuals: int = 0):
         super().__init__()
         self.unet, self.has_context, self.has_labels, self.has_cond = unet, has_context, has_labels, has_cond
+        self.residuals = residuals
 
     def forward(self, sample, timestep, *rest):
         rest = list(rest)
         context = rest.pop(0) if self.has_context else None
         labels = rest.pop(0) if self.has_labels else None
         cond = rest.pop(0) if self.has_cond else None
-        return self.unet(sample, timestep, context, class_labels=labels, timestep_cond=cond)
+        control = rest[-self.residuals:] if self.residuals else None
+        return self.unet(sample, timestep, context, class_labels=labels, timestep_cond=cond, control=control)
 
 
 class TextEncoderGraph(nn.Module):
@@ -136,10 +142,20 @@ def default_example_shape(model) -> Shape:
     return Shape(8 * f, 8 * f, 1)
 
 
-def graph_spec(model, component: str, shape: Shape | None = None, output_layer: int | None = None) -> GraphSpec:
+def graph_spec(model, component: str, shape: Shape | None = None, output_layer: int | None = None,
+               controlnet=None) -> GraphSpec:
     """The spec of one component. `shape` None: dynamic batch/height/width, traced at a small shape;
     a Shape: everything static at that shape (the UNet at 2 x batch, the CFG batch). `output_layer`:
-    the text encoder's last layer when not its own (clip skip)."""
+    the text encoder's last layer when not its own (clip skip). `controlnet`: the ControlNet module of
+    the `controlnet` component."""
+    if component in CONTROL_COMPONENTS:
+        from .control_graphs import controlnet_spec, unet_control_spec
+
+        if component == "unet_control":
+            return unet_control_spec(model, shape)
+        if controlnet is None:
+            raise ValueError("the controlnet graph is made from a ControlNet: pass controlnet=")
+        return controlnet_spec(model, controlnet, shape)
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
     cfg = model.config

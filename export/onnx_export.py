@@ -65,16 +65,17 @@ def graph_metadata(model, component: str, dtype: str, shape: Shape | None) -> di
 
 def export_component(model, component: str, path: str | os.PathLike, dtype: str = "fp32",
                      shape: Shape | None = None, opset: int = OPSET, progress: bool = True,
-                     output_layer: int | None = None) -> Path:
+                     output_layer: int | None = None, controlnet=None) -> Path:
     """Write `component` of `model` (a LoadedModel) as ONNX at `path` (model.onnx; graphs over 2 GiB
     keep their weights in `path` + '.data'). `shape` None exports dynamic batch/height/width; a Shape
-    exports a static graph. `output_layer`: the text encoder's last layer when not its own (clip skip).
+    exports a static graph. `output_layer`: the text encoder's last layer when not its own (clip skip);
+    `controlnet`: the ControlNet module of the `controlnet` component (export/control_graphs.py).
     Returns the path. Nothing is left at `path` when a step fails."""
     onnx = _require_onnx()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path)
-    spec = graph_spec(model, component, shape, output_layer)
+    spec = graph_spec(model, component, shape, output_layer, controlnet)
     torch_dtype = DTYPES[dtype]
     module = spec.module.eval()
     if any(p.dtype != torch_dtype for p in module.parameters()):  # never cast the caller's modules in place

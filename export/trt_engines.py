@@ -22,7 +22,7 @@ from .graphs import Shape
 ENGINE_SUFFIX = ".plan"
 SIDE_SUFFIX = ".json"
 # the batch axis of these components carries the CFG pair: prompts and negatives in one call
-CFG_COMPONENTS = ("unet", "text_encoder")
+CFG_COMPONENTS = ("unet", "text_encoder", "unet_control", "controlnet")
 # prompts longer than 75 tokens come in chunks: the UNet context grows to 77 x chunks tokens and the text
 # encoder sees one row per chunk; profiles cover 1 to this many chunks (77 to 231 tokens)
 MAX_PROMPT_CHUNKS = 3
@@ -68,21 +68,28 @@ def read_graph(path: str | Path) -> GraphInfo:
                      meta.get("ldm_engine.cfg_batch", "1") != "0")
 
 
-def input_shape(info: GraphInfo, name: str, shape: Shape, chunks: int = 1) -> tuple[int, ...]:
+def input_shape(info: GraphInfo, name: str, shape: Shape, chunks: int = 1, cfg_pair: bool = True) -> tuple[int, ...]:
     """The concrete shape of input `name` for images of `shape` and prompts of `chunks` 77-token
-    chunks (symbolic dims filled in)."""
+    chunks (symbolic dims filled in); `cfg_pair` False: the batch without the CFG pair (a ControlNet in
+    guess mode sees the conditional half only). ControlNet residuals at UNet level k have the axes
+    `height/2^k`, `width/2^k`; a ControlNet's hint the image's own `pixel_height`, `pixel_width`."""
     f, m = info.downsampling_factor, info.pixel_multiple
     if shape.height % m or shape.width % m:
         raise ValueError(f"{shape.height}x{shape.width}: image sides must be multiples of {m} for this model")
     pixel = info.component == "vae_encoder"
-    fill = {"batch": shape.batch * (2 if info.component in CFG_COMPONENTS and info.cfg_batch else 1)
-            * (chunks if info.component == "text_encoder" else 1),
+    pair = 2 if info.component in CFG_COMPONENTS and info.cfg_batch and cfg_pair else 1
+    fill = {"batch": shape.batch * pair * (chunks if info.component == "text_encoder" else 1),
             "height": shape.height if pixel else shape.height // f,
             "width": shape.width if pixel else shape.width // f,
+            "pixel_height": shape.height, "pixel_width": shape.width,
             "tokens": info.context_tokens * chunks}
     dims = []
     for d in info.inputs[name]:
         if isinstance(d, str):
+            axis, _, div = d.partition("/")
+            if div.isdigit() and axis in ("height", "width"):  # a residual's axis at a lower UNet level
+                dims.append(fill[axis] // int(div))
+                continue
             if d not in fill:
                 raise EngineError(f"{info.component}: input {name} has an unknown dynamic axis {d!r}")
             dims.append(fill[d])
@@ -103,7 +110,9 @@ def profile_for(info: GraphInfo, lo: Shape, opt: Shape, hi: Shape) -> dict[str, 
         w, _, b = rest.partition("b")
         raise ValueError(f"{info.component} was exported with static shapes for {info.static_shape}; build it "
                          f"with --static {h}x{w},{b} (or export dynamic graphs)")
-    return {name: (input_shape(info, name, lo), input_shape(info, name, opt),
+    # guess mode runs a ControlNet on the conditional half of the CFG batch: its minimum has no pair
+    lo_pair = info.component != "controlnet"
+    return {name: (input_shape(info, name, lo, cfg_pair=lo_pair), input_shape(info, name, opt),
                    input_shape(info, name, hi, MAX_PROMPT_CHUNKS)) for name in info.inputs}
 
 

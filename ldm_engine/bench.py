@@ -2,7 +2,7 @@
 
     ldm-bench --steps 50 --res 512 [--backend torch|onnxruntime|openvino|tensorrt|all|A,B]
               [--dtype auto|fp32|bf16|fp16] [--batch N] [--model PATH | --arch sd-1.5]
-              [--warmup N --repeat N] [--parity] [--json FILE]
+              [--warmup N --repeat N] [--parity] [--controlnet] [--json FILE]
 
 Every configuration runs the real Pipeline end to end (--warmup runs of 2 steps first: compiles and
 caches, then --repeat timed runs); the backend's calls are timed from outside, so one run yields
@@ -13,6 +13,8 @@ caches, then --repeat timed runs); the backend's calls are timed from outside, s
     end_to_end_s        the whole pipeline call, median over --repeat
     unet_gflop_per_s    the UNet's FLOPs (counted once on the meta device) / unet_step_s, and
     roofline_pct        that as a percentage of a large GEMM's GFLOP/s in the same dtype on this machine.
+--controlnet adds each configuration's step with a random ControlNet of the architecture
+(ldm_engine/bench_control.py: controlnet_s, control_unet_step_s, control_step_s, control_cost_x).
 Without --model the architecture (default sd-1.5) gets random weights: timings do not depend on them.
 """
 from __future__ import annotations
@@ -185,22 +187,25 @@ def make_pipeline(model, backend: str, dtype: str, device: str, **options):
 
 
 def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: int, warmup: int, repeat: int,
-                 device: str, gflop: float, rooflines: dict, guidance: float = 7.5, progress=print) -> tuple[dict, np.ndarray]:
-    """Time one (backend, dtype); returns its row and the last image (for parity)."""
+                 device: str, gflop: float, rooflines: dict, guidance: float = 7.5, progress=print,
+                 controlnet: Path | None = None) -> tuple[dict, np.ndarray]:
+    """Time one (backend, dtype); returns its row and the last image (for parity). `controlnet`: a
+    ControlNet file whose step is timed after the plain runs (bench_control.control_row)."""
     progress(f"[{backend} {dtype}] preparing (export/compile on first use)")
     pipe = make_pipeline(model, backend, dtype, device)
     actual = getattr(pipe.backend, "dtype", None)
     dtype_name = DTYPE_NAMES.get(actual, dtype)
-    timer = CallTimer(pipe.backend, device=device)
+    control = controlnet is not None and hasattr(pipe.backend, "controlnet")
+    timer = CallTimer(pipe.backend, ("encode_text", "denoise", "decode") + (("controlnet",) if control else ()), device)
     prompts = [PROMPT] * batch if model.text_encoder is not None else None
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, seed=0, height=res, width=res,
                   output_type="np", progress=False)
     if prompts is None:
         kwargs.pop("guidance_scale")
 
-    def run(n_steps):
+    def run(n_steps, **extra):
         args = [prompts] if prompts is not None else []
-        return pipe(*args, **{**kwargs, "num_inference_steps": n_steps})
+        return pipe(*args, **{**kwargs, "num_inference_steps": n_steps or steps, **extra})
 
     for _ in range(warmup):
         run(min(steps, 2))
@@ -232,6 +237,11 @@ def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: i
            "it_per_s": 1.0 / (unet_step + per_step_overhead), "peak_mem_mb": round(mem.peak, 1),
            "unet_gflop": round(gflop, 2), "unet_gflop_per_s": achieved, "roofline_gflop_per_s": roof,
            "roofline_pct": 100.0 * achieved / roof}
+    if controlnet is not None:
+        from .bench_control import CONTROL_FIELDS, control_row
+
+        row |= (control_row(pipe, timer, run, controlnet, res, warmup, repeat, unet_step, progress) if control
+                else dict.fromkeys(CONTROL_FIELDS))
     return row, out.images
 
 
@@ -298,6 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="timed runs; medians are reported")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--parity", action="store_true", help="add each configuration's PSNR against torch fp32")
+    p.add_argument("--controlnet", action="store_true",
+                   help="also time each step with a random ControlNet of the architecture")
     p.add_argument("--json", type=Path, help="write the list of rows here")
     a = p.parse_args(argv)
     if a.steps < 1 or a.repeat < 1 or a.batch < 1 or a.warmup < 0:
@@ -329,6 +341,18 @@ def main(argv=None) -> int:
     rooflines = {d: gemm_roofline(DTYPES[d], a.device) for d in ("fp32", "bf16", "fp16") if d in wanted}
     say("GEMM roofline (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rooflines.items()))
     gflop = unet_gflop(model.config, a.batch, a.res)
+    control_dir = controlnet = None
+    if a.controlnet:
+        import tempfile
+
+        from .bench_control import random_controlnet_file
+
+        control_dir = tempfile.TemporaryDirectory(prefix="ldm-bench-controlnet-")
+        try:
+            controlnet = random_controlnet_file(model, Path(control_dir.name))
+        except ValueError as e:
+            print(f"error: --controlnet: {e}", file=sys.stderr)
+            return 2
     base = {"arch": arch, "res": a.res, "batch": a.batch, "steps": a.steps, "random_weights": random_weights}
     rows = []
     reference = None
@@ -338,7 +362,7 @@ def main(argv=None) -> int:
     for backend, dtype in configs:
         try:
             row, img = bench_config(model, backend, dtype, a.res, a.batch, a.steps, a.warmup, a.repeat, a.device,
-                                    gflop, rooflines, a.guidance, say)
+                                    gflop, rooflines, a.guidance, say, controlnet)
         except (RuntimeError, ValueError) as e:
             say(f"[{backend} {dtype}] skipped: {e}")
             continue
@@ -355,6 +379,8 @@ def main(argv=None) -> int:
         print(json.dumps(_jsonable(row)), flush=True)
     if a.json:
         a.json.write_text(json.dumps([_jsonable(r) for r in rows], indent=1))
+    if control_dir is not None:
+        control_dir.cleanup()
     return 0 if rows else 1
 
 

@@ -86,3 +86,20 @@ def test_ldm_bench_refuses_bad_arguments(tmp_path):
     run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "nope"], capture_output=True, text=True,
                          cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr
+
+
+def test_ldm_bench_controlnet_adds_the_step_with_a_controlnet(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ldm_engine.bench_control import CONTROL_FIELDS
+
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "tiny-sd1", "--res", "16", "--steps",
+                          "2", "--backend", "torch,onnxruntime", "--dtype", "fp32", "--warmup", "0", "--controlnet",
+                          "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert [r["backend"] for r in rows] == ["torch", "onnxruntime"]
+    for r in rows:
+        assert all(r[k] > 0 for k in CONTROL_FIELDS), r
+        assert r["control_step_s"] == pytest.approx(r["controlnet_s"] + r["control_unet_step_s"], abs=2e-4)
+        assert r["control_cost_x"] == pytest.approx(r["control_step_s"] / r["unet_step_s"], rel=0.15)  # both rounded to 1e-4 s

@@ -1,13 +1,18 @@
 """What the ONNX-graph backends (ONNX Runtime, OpenVINO) share: where the graphs come from, and the
 backend interface (encode_text / denoise / decode / encode / embed_class) written once on top of a
-runtime's `_run(component, feeds) -> array`.
+runtime's `_run_all(component, feeds) -> arrays`.
 
 Graphs come from `onnx_dir` (a folder written by `python export/export_onnx.py`, holding
 <component>.onnx) or else from the artifact cache, exported from the loaded model on first use.
+
+ControlNets run as two graphs (export/control_graphs.py): each ControlNet's own graph makes the
+residuals (`controlnet`), and `denoise` with extra["control"] runs the UNet graph that takes them as
+inputs (`unet_control`); both come from the artifact cache.
 """
 from __future__ import annotations
 
 import os
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -45,6 +50,7 @@ class GraphBackend(ABC):
 
     name = "graph"
     graph_capturable = False  # the runtime owns its own streams: never inside the pipeline's CUDA graph
+    accepts_control = True  # controlnet() runs a ControlNet's graph; denoise takes its residuals
 
     def __init__(self, model, device="cpu", onnx_dir: str | os.PathLike | None = None, cache_dir=None,
                  progress: bool = True):
@@ -57,6 +63,8 @@ class GraphBackend(ABC):
         self._components = available_components(model)
         self._cache = None
         self.base_graphs = BaseGraphs()  # the UNet graph of the original weights, reused after a LoRA
+        self._control_keys: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # ControlNet -> graph key
+        self._control_nets: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # graph key -> ControlNet
         if self.onnx_dir is None:
             from ..export.cache import ArtifactCache
 
@@ -70,6 +78,8 @@ class GraphBackend(ABC):
     def graph_path(self, component: str) -> Path:
         """`component`, or a graph key made by graph_key (the text encoder for another output layer)."""
         component, output_layer = split_graph_key(component)
+        if component == "unet_control" or component in self._control_nets:
+            return self._control_graph_path(component)
         if component not in self._components:
             raise ValueError(f"this model has no {component}")
         if self.onnx_dir is not None:
@@ -85,6 +95,16 @@ class GraphBackend(ABC):
         from ..export.artifacts import onnx_artifact
 
         return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress, output_layer=output_layer)
+
+    def _control_graph_path(self, key: str) -> Path:
+        if self.onnx_dir is not None:
+            raise ValueError(f"ControlNets need graphs made for them, and onnx_dir {self.onnx_dir} holds the model's "
+                             "own ones only; leave onnx_dir unset (graphs then come from the artifact cache)")
+        from ..export.artifacts import controlnet_artifact, onnx_artifact
+
+        if key == "unet_control":
+            return onnx_artifact(self.model, key, "fp32", None, self._cache, self.progress)
+        return controlnet_artifact(self.model, self._control_nets[key], "fp32", None, self._cache, self.progress)
 
     def graph_source(self, key: str) -> tuple[Path, dict[str, np.ndarray]]:
         """The graph to load for a graph key, and the initializers to replace in it: after a LoRA the UNet
@@ -111,7 +131,7 @@ class GraphBackend(ABC):
             raise ValueError(f"the graphs in onnx_dir {self.onnx_dir} are fixed, so the model's {component} weights "
                              "cannot change (textual inversion, LoRA); leave onnx_dir unset: graphs then come from "
                              "the artifact cache, exported from the model as it is")
-        for key in [k for k in self._loaded_keys() if split_graph_key(k)[0] == component]:
+        for key in [k for k in self._loaded_keys() if _weights_of(split_graph_key(k)[0]) == component]:
             self._forget(key)
 
     def check_weights_changeable(self, components) -> None:
@@ -130,8 +150,76 @@ class GraphBackend(ABC):
         """Drop everything loaded or compiled for one graph key."""
 
     @abstractmethod
+    def _run_all(self, component: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one component's graph (or a graph key's) on named numpy inputs; its outputs, in order."""
+
     def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Run one component's graph (or a graph key's) on named numpy inputs; its first output."""
+        """The first (for every component but the ControlNet, only) output of a graph."""
+        return self._run_all(component, feeds)[0]
+
+    # ---- ControlNets -----------------------------------------------------------------------------
+
+    def prepare_controlnet(self, net: torch.nn.Module) -> None:
+        """Check that this backend can run ControlNet `net` and keep it where its graph is exported from
+        (float32 on the CPU: the graphs are exported in fp32 and the runtime picks its own precision)."""
+        if self.onnx_dir is not None:
+            raise ValueError(f"ControlNets need graphs made for them, and onnx_dir {self.onnx_dir} holds the model's "
+                             "own ones only; leave onnx_dir unset (graphs then come from the artifact cache)")
+        net.to("cpu", torch.float32)
+
+    def _control_key(self, net: torch.nn.Module) -> str:
+        """The graph key of a ControlNet: `controlnet#` + its weights hash (one graph per distinct net)."""
+        key = self._control_keys.get(net)
+        if key is None:
+            from ..export.cache import weights_hash
+
+            key = f"controlnet#{weights_hash(net, net.control_config)}"
+            self._control_keys[net] = key
+            self._control_nets[key] = net
+            # an unloaded ControlNet's session / compiled graphs go with it
+            weakref.finalize(net, _forget_later, weakref.ref(self), key)
+        return key
+
+    @torch.no_grad()
+    def controlnet(self, net: torch.nn.Module, x: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor,
+                   extra: dict | None = None) -> list[torch.Tensor]:
+        """ControlNet `net`'s residuals at scale 1 (one per UNet input block, then the middle block's) for
+        latents x (B, 4, h, w), timestep t, context (B, L, D) and control image hint (B, 3, H, W) in [0, 1],
+        run by its own graph."""
+        extra = extra or {}
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32).cpu()
+        feeds = {"sample": _np(x, np.float32), "timestep": np.ascontiguousarray(np.broadcast_to(t.numpy(), (b,))),
+                 "context": _np(context, np.float32), "hint": _np(hint, np.float32)}
+        ucfg = net.control_config.unet
+        if ucfg.num_classes is not None:
+            if extra.get("class_labels") is None:
+                raise ValueError("this ControlNet takes class labels: pass extra={'class_labels': ...}")
+            feeds["class_labels"] = _np(extra["class_labels"], np.int64)
+        if ucfg.time_cond_proj_dim is not None:  # no bias: zeros are the module without timestep_cond
+            cond = extra.get("timestep_cond")
+            feeds["timestep_cond"] = (np.zeros((b, ucfg.time_cond_proj_dim), np.float32) if cond is None
+                                      else _np(cond, np.float32))
+        return [torch.from_numpy(r) for r in self._run_all(self._control_key(net), feeds)]
+
+    def _residual_feeds(self, control, z: torch.Tensor) -> dict[str, np.ndarray]:
+        """The unet_control graph's residual inputs; (B, C, 1, 1) ones (global pooling) broadcast to size."""
+        from ..export.control_graphs import residual_layout
+
+        layout = residual_layout(self.model.config.unet)
+        if len(control) != len(layout):
+            raise ValueError(f"control needs {len(layout)} residuals (one per input block and the middle one), "
+                             f"got {len(control)}")
+        b, _, h, w = z.shape
+        feeds = {}
+        for (name, ch, ds), r in zip(layout, control):
+            a, want = _np(r, np.float32), (b, ch, h // ds, w // ds)
+            if a.shape != want:
+                if a.shape[:2] != want[:2] or a.shape[2:] != (1, 1):
+                    raise ValueError(f"ControlNet residual {name} has shape {a.shape}, the UNet needs {want}")
+                a = np.ascontiguousarray(np.broadcast_to(a, want))
+            feeds[name] = a
+        return feeds
 
     # ---- the backend interface -------------------------------------------------------------------
 
@@ -165,6 +253,9 @@ class GraphBackend(ABC):
             cond = extra.get("timestep_cond")
             # the projection has no bias, so a zero embedding is exactly the torch UNet without timestep_cond
             feeds["timestep_cond"] = np.zeros((b, dim), np.float32) if cond is None else _np(cond, np.float32)
+        if extra.get("control") is not None:  # ControlNet residuals: the UNet graph that adds them
+            feeds |= self._residual_feeds(extra["control"], z)
+            return torch.from_numpy(self._run("unet_control", feeds))
         return torch.from_numpy(self._run("unet", feeds))
 
     @torch.no_grad()
@@ -184,6 +275,17 @@ def graph_key(component: str, output_layer: int | None = None, own_layer: int | 
     """The name a runtime keeps one graph under: the component, or `text_encoder@-2` for the text
     encoder exported to end at another layer than its own (clip skip)."""
     return component if output_layer is None or output_layer == own_layer else f"{component}@{output_layer}"
+
+
+def _forget_later(backend_ref: "weakref.ref", key: str) -> None:
+    backend = backend_ref()
+    if backend is not None and key not in backend._control_nets:  # not taken over by an identical net
+        backend._forget(key)
+
+
+def _weights_of(component: str) -> str | None:
+    """The model component whose weights a graph carries (None for a ControlNet's own graph)."""
+    return "unet" if component == "unet_control" else None if component.startswith("controlnet#") else component
 
 
 def split_graph_key(key: str) -> tuple[str, int | None]:

@@ -93,14 +93,15 @@ class OnnxRuntimeBackend(GraphBackend):
     def _forget(self, key: str) -> None:
         self._sessions.pop(key, None)
 
-    def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_all(self, component: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self._session(component)
         if self.device.type != "cuda":
-            return session.run(None, feeds)[0]
-        # IO binding: inputs are copied to the device once, the output is read back once
+            return session.run(None, feeds)
+        # IO binding: inputs are copied to the device once, the outputs are read back once
         binding = session.io_binding()
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device.index or 0))
-        binding.bind_output(session.get_outputs()[0].name, "cuda", self.device.index or 0)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda", self.device.index or 0)
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()

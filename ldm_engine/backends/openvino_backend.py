@@ -65,7 +65,7 @@ class OpenVINOBackend(GraphBackend):
         # OpenVINO's CACHE_DIR (compiled blobs on disk) is left off: blobs it reloaded for these graphs after a
         # static reshape gave NaN outputs where a fresh compile of the same graph was correct
         self._models: dict[str, object] = {}
-        self._embed_outside = False  # the UNet graph takes the timestep embedding (see _embedding_as_input)
+        self._embed_outside: dict[str, int] = {}  # graph key -> width of the timestep embedding it takes as input
         self._compiled: dict[str, OrderedDict] = {}
 
     def _read(self, component: str):
@@ -76,13 +76,14 @@ class OpenVINOBackend(GraphBackend):
             model = self.core.read_model(str(path))
             if arrays:  # tensors changed since the graph was exported (LoRA): swapped in, no new export
                 replace_constants(model, arrays)
-            if component == "unet" and self.precision != "f32":
-                model = self._embedding_as_input(model)
+            if self.precision != "f32" and _takes_timestep(component):
+                model = self._embedding_as_input(model, component)
             self._models[component] = model
         return self._models[component]
 
-    def _embedding_as_input(self, model):
-        """Cut the sinusoidal timestep embedding out of the UNet graph; it is fed in, computed in f32.
+    def _embedding_as_input(self, model, component: str):
+        """Cut the sinusoidal timestep embedding out of the UNet graph (and a ControlNet's, which has the
+        same time embedding); it is fed in, computed in f32.
         Under a bf16 precision hint OpenVINO rounds t * freq to 8 significant bits before cos/sin (at
         t = 999 the phase is off by up to 2 radians), which alone made the tiny UNets' output differ
         by 0.06 from torch; the rest of the graph in bf16 differs by less than 0.001."""
@@ -100,11 +101,12 @@ class OpenVINOBackend(GraphBackend):
                     todo.append(user)
         if concat is None:  # not the layout this package exports: leave the graph as it is
             return model
-        embedding = ov.opset13.parameter(concat.output(0).get_partial_shape(), ov.Type.f32, name="timestep_embedding")
+        shape = concat.output(0).get_partial_shape()
+        embedding = ov.opset13.parameter(shape, ov.Type.f32, name="timestep_embedding")
         for target in list(concat.output(0).get_target_inputs()):
             target.replace_source_output(embedding.output(0))
         params = [p for p in model.get_parameters() if p.get_friendly_name() != "timestep"] + [embedding]
-        self._embed_outside = True
+        self._embed_outside[component] = shape[shape.rank.get_length() - 1].get_length()
         return ov.Model(model.get_results(), params, model.get_friendly_name())
 
     def compiled(self, component: str, shapes: dict[str, tuple]):
@@ -140,15 +142,23 @@ class OpenVINOBackend(GraphBackend):
     def _forget(self, key: str) -> None:
         self._models.pop(key, None)
         self._compiled.pop(key, None)
+        self._embed_outside.pop(key, None)
 
-    def _run(self, component: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        if component == "unet":
-            self._read("unet")
-            if self._embed_outside:
+    def _run_all(self, component: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if _takes_timestep(component):
+            self._read(component)
+            if component in self._embed_outside:
                 from ..models.unet import timestep_embedding
 
-                t = torch.from_numpy(feeds.pop("timestep"))
-                feeds["timestep_embedding"] = timestep_embedding(t, self.model.config.unet.model_channels).numpy()
-        _, request = self.compiled(component, {k: v.shape for k, v in feeds.items()})
+                t = torch.tensor(feeds.pop("timestep"))  # a copy: the feed may be a read-only broadcast view
+                feeds["timestep_embedding"] = timestep_embedding(t, self._embed_outside[component]).numpy()
+        # the static reshape covers every input: latents, context, and a ControlNet's hint and residuals
+        compiled, request = self.compiled(component, {k: v.shape for k, v in feeds.items()})
         request.infer(feeds, share_inputs=True)
-        return request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next call
+        # the request's buffers are reused by the next call: copies out
+        return [request.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs))]
+
+
+def _takes_timestep(key: str) -> bool:
+    """The graphs with a sinusoidal timestep embedding: the UNet's and the ControlNets'."""
+    return key in ("unet", "unet_control") or key.startswith("controlnet#")

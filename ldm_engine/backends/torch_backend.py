@@ -59,6 +59,24 @@ class TorchBackend:
                               control=None if control is None else [c.to(self.device, self.dtype) for c in control])
         return out.float()
 
+    def prepare_controlnet(self, net: torch.nn.Module) -> None:
+        """Put ControlNet `net` on this backend's device and dtype, with the UNet's kernel swap."""
+        net.to(self.device, self.dtype)
+        if self.kernels == "triton":
+            from ..optimize import use_triton_kernels
+
+            use_triton_kernels(net)
+
+    @torch.no_grad()
+    def controlnet(self, net: torch.nn.Module, x: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor,
+                   extra: dict | None = None) -> list[torch.Tensor]:
+        """ControlNet `net`'s residuals at scale 1: one per UNet input block, then the middle block's."""
+        extra = extra or {}
+        labels, cond = extra.get("class_labels"), extra.get("timestep_cond")
+        return net(x.to(self.device, self.dtype), hint.to(self.device, self.dtype), t,
+                   context.to(self.device, self.dtype), class_labels=None if labels is None else labels.to(self.device),
+                   timestep_cond=None if cond is None else cond.to(self.device, self.dtype))
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.vae.decode(z.to(self.device, self.dtype)).float()

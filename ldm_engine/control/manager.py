@@ -1,7 +1,9 @@
 """The pipeline's ControlNets: loading, the per-call arguments, and the residuals of one denoiser call.
 
 The denoiser (the pipeline's raw_model(x, t)) asks `ControlStep` for the residuals of the current call
-and hands them to the backend's UNet, so every sampler and the native loop get control unchanged.
+and hands them to the backend's UNet, so every sampler and the native loop get control unchanged. Each
+ControlNet runs through the backend too (`backend.controlnet`: the module on torch, its own graph on
+ONNX Runtime / OpenVINO) and returns its residuals at scale 1; the scales are applied here.
 Per step, as diffusers' ControlNet pipelines: a ControlNet is active at step i of n when
 start <= i / n and (i + 1) / n <= end; several ControlNets sum their residuals, each with its own image
 and scale; with CFG both halves get control, or in guess mode only the conditional half, with the
@@ -58,7 +60,8 @@ class ControlNets:
         if cfg.conditioning != "text" or cfg.task == "upscale":
             raise ValueError(f"{cfg.name} is not a text-to-image model ({cfg.task}); ControlNets apply to SD 1.x/2.x")
         if not getattr(self.backend, "accepts_control", False):
-            raise ValueError(f"the {self.backend.name} backend does not run ControlNets yet; use backend='torch'")
+            raise ValueError(f"the {self.backend.name} backend does not run ControlNets yet; use backend='torch', "
+                             "'onnxruntime' or 'openvino'")
         path = Path(path)
         if not path.exists():
             raise ValueError(f"{path}: no such ControlNet file or folder")
@@ -69,11 +72,7 @@ class ControlNets:
         if net.hint_downsampling != cfg.vae.downsampling_factor:
             raise ValueError(f"{path}: this ControlNet's hint encoder shrinks the control image {net.hint_downsampling}x, "
                              f"the model's autoencoder {cfg.vae.downsampling_factor}x; use a ControlNet for this model")
-        net.to(self.backend.device, self.backend.dtype)
-        if getattr(self.backend, "kernels", None) == "triton":  # the same kernel swap as the backend's UNet
-            from ..optimize import use_triton_kernels
-
-            use_triton_kernels(net)
+        self.backend.prepare_controlnet(net)  # its device and dtype (refused here when the backend cannot run it)
         names = {c.name for c in self.loaded}
         name, k = path.stem, 2
         while name in names:
@@ -110,7 +109,7 @@ class ControlNets:
         hints = [control_tensor(img, height, width) for img in images]
         # a global-pooling ControlNet (shuffle) runs in guess mode, as diffusers does
         guess = bool(guess_mode) or self.loaded[0].module.control_config.global_pool
-        return ControlInputs(list(self.loaded), hints, scales, starts, ends, guess)
+        return ControlInputs(list(self.loaded), hints, scales, starts, ends, guess, self.backend)
 
 
 @dataclass
@@ -121,6 +120,7 @@ class ControlInputs:
     starts: list[float]
     ends: list[float]
     guess_mode: bool
+    backend: object  # runs each ControlNet: backend.controlnet(net, x, t, context, hint) -> residuals at scale 1
 
     def bind(self, timesteps, context: torch.Tensor, guided: bool, batch: int, per_prompt: int) -> "ControlStep":
         """The residual provider for one run: `timesteps` the plan's (descending), `context` the CFG batch's."""
@@ -169,9 +169,12 @@ class ControlStep:
             if not keep or s == 0.0:
                 continue
             m = net.module
-            scale = (torch.logspace(-1, 0, m.control_config.num_residuals, device=self.device) * s
-                     if ins.guess_mode and not m.control_config.global_pool else s)
-            res = m(x_in, hint, t, self.context, scale=scale)
+            n_res = m.control_config.num_residuals
+            # the scale is applied here, outside the ControlNet: one compiled graph serves every scale
+            scales = (torch.logspace(-1, 0, n_res, device=self.device) * s
+                      if ins.guess_mode and not m.control_config.global_pool else [s] * n_res)
+            res = ins.backend.controlnet(m, x_in, t, self.context, hint)
+            res = [r.to(self.device, self.dtype) * c for r, c in zip(res, scales)]
             if self.guess:  # the unconditional half gets no control
                 res = [torch.cat([torch.zeros_like(r), r]) for r in res]
             total = res if total is None else [u + v for u, v in zip(total, res)]
