@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graphs import GraphSpec, Shape, default_example_shape, graph_spec, latent_size
+from .graphs import GraphSpec, Shape, UNetGraph, add_optional_unet_inputs, default_example_shape, graph_spec, latent_size
 
 
 def residual_layout(ucfg) -> list[tuple[str, int, int]]:
@@ -71,14 +71,7 @@ def controlnet_spec(model, net, shape: Shape | None = None) -> GraphSpec:
     axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
             "context": {0: "batch", 1: "tokens"}, "hint": {0: "batch", 2: "pixel_height", 3: "pixel_width"}}
     has_labels, has_cond = ucfg.num_classes is not None, ucfg.time_cond_proj_dim is not None
-    if has_labels:
-        names.append("class_labels")
-        example.append(torch.zeros(b2, dtype=torch.int64))
-        axes["class_labels"] = {0: "batch"}
-    if has_cond:
-        names.append("timestep_cond")
-        example.append(torch.randn(b2, ucfg.time_cond_proj_dim))
-        axes["timestep_cond"] = {0: "batch"}
+    add_optional_unet_inputs(ucfg, b2, names, example, axes)
     outputs = []
     for name, _, ds in residual_layout(ucfg):
         outputs.append(name)
@@ -91,7 +84,6 @@ def controlnet_spec(model, net, shape: Shape | None = None) -> GraphSpec:
 
 def unet_control_spec(model, shape: Shape | None = None) -> GraphSpec:
     """The UNet graph's spec with the residuals as extra inputs after the UNet's own."""
-    from .graphs import UNetGraph
 
     base = graph_spec(model, "unet", shape)
     ucfg = model.config.unet

@@ -117,6 +117,19 @@ class EncoderGraph(nn.Module):
         return self.vae.quant_conv(self.vae.encoder(image))
 
 
+def add_optional_unet_inputs(ucfg, batch: int, names: list, example: list, axes: dict) -> None:
+    """Append the inputs only some UNets (and their ControlNets) take, in graph order: class labels (B,)
+    int64 and the LCM guidance embedding timestep_cond (B, time_cond_proj_dim)."""
+    if ucfg.num_classes is not None:
+        names.append("class_labels")
+        example.append(torch.zeros(batch, dtype=torch.int64))
+        axes["class_labels"] = {0: "batch"}
+    if ucfg.time_cond_proj_dim is not None:
+        names.append("timestep_cond")
+        example.append(torch.randn(batch, ucfg.time_cond_proj_dim))
+        axes["timestep_cond"] = {0: "batch"}
+
+
 def available_components(model) -> list[str]:
     """The components `model` (a LoadedModel) has, in export order."""
     names = ["unet", "vae_decoder", "vae_encoder"]
@@ -185,14 +198,7 @@ def graph_spec(model, component: str, shape: Shape | None = None, output_layer: 
             names.append("context")
             example.append(torch.randn(b2, length, ucfg.context_dim))
             axes["context"] = {0: "batch", 1: "tokens"}
-        if has_labels:
-            names.append("class_labels")
-            example.append(torch.zeros(b2, dtype=torch.int64))
-            axes["class_labels"] = {0: "batch"}
-        if has_cond:
-            names.append("timestep_cond")
-            example.append(torch.randn(b2, ucfg.time_cond_proj_dim))
-            axes["timestep_cond"] = {0: "batch"}
+        add_optional_unet_inputs(ucfg, b2, names, example, axes)
         floats = tuple(n for n in names if n in ("sample", "context", "timestep_cond"))
         return GraphSpec(component, UNetGraph(model.unet, has_context, has_labels, has_cond), names, ["model_output"],
                          tuple(example), axes if dynamic else {}, floats)

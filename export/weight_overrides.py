@@ -13,13 +13,11 @@ transposed; each gets a short fingerprint first so only candidates are compared 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-MAP_FILE = "weights_map.json"
 # ONNX Runtime ignores overriding initializers under ORT_ENABLE_ALL (its layout transformers read the
 # model's own weights first: the session silently runs the old ones); up to ORT_ENABLE_EXTENDED the
 # overrides are honoured, so add_to_session_options lowers the level (tests/test_weight_overrides.py).
@@ -72,17 +70,6 @@ def build_weight_map(onnx_path: str | Path, module: torch.nn.Module, dtype: torc
             if name not in found and np.array_equal(arr, a.T if transposed else a):
                 found[name] = [init_name, transposed]
     return found
-
-
-def write_weight_map(onnx_path: str | Path, module: torch.nn.Module, dtype: torch.dtype | None = None) -> Path:
-    out = Path(onnx_path).with_name(MAP_FILE)
-    out.write_text(json.dumps(build_weight_map(onnx_path, module, dtype), indent=0, sort_keys=True))
-    return out
-
-
-def read_weight_map(onnx_path: str | Path) -> dict | None:
-    path = Path(onnx_path).with_name(MAP_FILE)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def replacement_arrays(weight_map: dict, tensors: dict[str, torch.Tensor], np_dtype=np.float32) -> dict[str, np.ndarray]:

@@ -59,12 +59,18 @@ def test_call_timer_records_each_call():
     assert len(t.durations("denoise")) == 3 and t.durations("decode") == []
 
 
+def _bench(tmp_path, *args):
+    """ldm-bench in a subprocess, run outside the source tree (`python -m` puts the working directory
+    first on sys.path, which would import the uninstalled sources)."""
+    return subprocess.run([sys.executable, "-m", "ldm_engine.bench", *map(str, args)], capture_output=True, text=True,
+                          cwd=tmp_path)
+
+
 def test_ldm_bench_reports_every_field(tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "rows.json"
-    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "tiny-sd1", "--res", "32", "--steps",
-                          "3", "--backend", "torch,onnxruntime", "--dtype", "fp32", "--warmup", "0", "--parity",
-                          "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    run = _bench(tmp_path, "--arch", "tiny-sd1", "--res", 32, "--steps", 3, "--backend", "torch,onnxruntime",
+                 "--dtype", "fp32", "--warmup", 0, "--parity", "--json", out)
     assert run.returncode == 0, run.stderr
     assert "random weights" in run.stderr
     rows = json.loads(out.read_text())
@@ -79,12 +85,9 @@ def test_ldm_bench_reports_every_field(tmp_path):
 
 
 def test_ldm_bench_refuses_bad_arguments(tmp_path):
-    # run outside the source tree: `python -m` puts the working directory first on sys.path
-    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "tiny-sd1", "--res", "30"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    run = _bench(tmp_path, "--arch", "tiny-sd1", "--res", 30)
     assert run.returncode == 2 and "multiple of 4" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "nope"], capture_output=True, text=True,
-                         cwd=tmp_path)
+    run = _bench(tmp_path, "--arch", "nope")
     assert run.returncode == 2 and "Traceback" not in run.stderr
 
 
@@ -93,9 +96,8 @@ def test_ldm_bench_controlnet_adds_the_step_with_a_controlnet(tmp_path):
     from ldm_engine.bench_control import CONTROL_FIELDS
 
     out = tmp_path / "rows.json"
-    run = subprocess.run([sys.executable, "-m", "ldm_engine.bench", "--arch", "tiny-sd1", "--res", "16", "--steps",
-                          "2", "--backend", "torch,onnxruntime", "--dtype", "fp32", "--warmup", "0", "--controlnet",
-                          "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    run = _bench(tmp_path, "--arch", "tiny-sd1", "--res", 16, "--steps", 2, "--backend", "torch,onnxruntime",
+                 "--dtype", "fp32", "--warmup", 0, "--controlnet", "--json", out)
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())
     assert [r["backend"] for r in rows] == ["torch", "onnxruntime"]

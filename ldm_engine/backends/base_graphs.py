@@ -71,7 +71,7 @@ class BaseGraphs:
         path = self._paths[component]
         if path not in self._maps:  # matched on the values the graph was exported with
             with swapped_in(module, changed):
-                self._maps[path] = wo.read_weight_map(path) or wo.build_weight_map(path, module)
+                self._maps[path] = wo.build_weight_map(path, module)
         live = {name: resolve_parameter(module, name) for name in changed}
         try:
             return wo.replacement_arrays(self._maps[path], live, np_dtype)
@@ -80,6 +80,3 @@ class BaseGraphs:
             self._refused.add(component)
             self._paths.pop(component, None)
             raise
-
-    def forget(self, component: str) -> None:
-        self._refused.discard(component)
