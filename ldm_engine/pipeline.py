@@ -17,6 +17,7 @@ from .loading import LoadedModel, load_checkpoint
 from .prompts.encode import PromptEncoder
 from .models.unet import guidance_embedding
 from .sampling import check_sampler, make_plan, native, run_sampler, sampler_eta
+from .sampling.noise import Generators, generators_for, randn
 from .vae_tiling import decode_tiled
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class PipelineOutput:
     images: list  # PIL images (output_type="pil"), else an array / tensor
     latents: torch.Tensor  # final latents in the diffusion model's (scaled) space
-    seed: int | None = None
+    seed: int | list[int] | None = None  # the seed, or the per-image seeds
 
 
 class NonFiniteError(RuntimeError):
@@ -164,6 +165,7 @@ class Pipeline:
             self.backend.reload("text_encoder")
 
     def _check_args(self, height, width, steps, strength, guidance_scale, sampler, image, mask_image):
+        guidance_scale = min(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else guidance_scale
         cfg = self.config
         # the latent side must survive the UNet's downsamplings; an upscaler's latent is the input image
         f = (1 if cfg.task == "upscale" else cfg.vae.downsampling_factor) * (2 ** (len(cfg.unet.channel_mult) - 1))
@@ -216,8 +218,8 @@ class Pipeline:
     @restores_prompt_loras  # LoRAs loaded by this call's prompt tags are unloaded when it ends
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, sampler: str | None = None, eta: float | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 guidance_scale: float | list[float] = 7.5, sampler: str | None = None, eta: float | None = None,
+                 seed: int | list[int] | None = None, generator: Generators = None, latents: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, image=None, mask_image=None, strength: float | None = None,
                  noise_level: int = 20, class_label: int | list[int] | None = None, output_type: str = "pil",
                  progress: bool = True, callback=None, clip_skip: int | None = None,
@@ -225,12 +227,17 @@ class Pipeline:
                  negative_prompt_embeds: torch.Tensor | None = None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
-                 guess_mode: bool = False) -> PipelineOutput:
+                 guess_mode: bool = False, progress_callback=None, masked_content: str = "original") -> PipelineOutput:
         """`clip_skip` overrides the pipeline's for this call; `prompt_embeds` / `negative_prompt_embeds`
         (B, 77·k, C), e.g. from encode_prompt, stand in for prompt / negative_prompt.
         `control_image`: one image per loaded ControlNet, RGB in [0, 1] at the output size (others are
         stretched: see ldm_engine.control.hint); the scale, start and end (fractions of the steps) are one
-        value or one per ControlNet; `guess_mode`: the ControlNets see only the conditional CFG half."""
+        value or one per ControlNet; `guess_mode`: the ControlNets see only the conditional CFG half.
+        `seed` / `generator`: one for the whole batch, or a list with one per image — each image then gets the
+        noise it would get alone (sampling.noise); `guidance_scale`: one value or one per image.
+        `progress_callback(done, total)` runs after every denoising step on every loop (an exception it raises
+        stops the run); `masked_content` (inpainting): what the masked area starts from — "original",
+        "fill" (colours of its surroundings), "latent_noise" or "latent_nothing" (A1111's inpainting_fill)."""
         cfg = self.config
         sampler = sampler or cfg.default_sampler  # a diffusers folder's own scheduler, as diffusers runs it
         if image is not None and (height is None or width is None):
@@ -246,13 +253,16 @@ class Pipeline:
         plan = make_plan(sampler, num_inference_steps, cfg.schedule)  # refuses bad step counts before any work
         if generator is None:
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if seed is None else seed
-            generator = torch.Generator("cpu").manual_seed(seed)
+            generator = (generators_for(seed) if isinstance(seed, (list, tuple))
+                         else torch.Generator("cpu").manual_seed(seed))
 
         # conditioning: computed once per call, never per step
         # classifier-free guidance needs a learned "empty" condition: text models have the empty prompt
         # an LCM-distilled UNet has the guidance built in: one call per step at batch B, w as an embedding
         distilled = cfg.unet.time_cond_proj_dim is not None
-        guided = guidance_scale != 1.0 and cfg.conditioning == "text" and not distilled
+        scales = [float(g) for g in guidance_scale] if isinstance(guidance_scale, (list, tuple)) else None
+        guided = (any(g != 1.0 for g in scales) if scales else guidance_scale != 1.0) and cfg.conditioning == "text" \
+            and not distilled
         if distilled and (negative_prompt or negative_prompt_embeds is not None):
             raise ValueError(f"{cfg.name} is an LCM-distilled model: its guidance (w = guidance_scale - 1) is built "
                              "into the UNet, which takes no negative prompt; leave negative_prompt unset")
@@ -284,6 +294,13 @@ class Pipeline:
             context = context.repeat_interleave(n, dim=0)
             uncond = uncond.repeat_interleave(n, dim=0) if uncond is not None else None
         batch *= n
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} seeds/generators for {batch} images; give one per image")
+        if scales is not None and len(scales) != batch:
+            raise ValueError(f"{len(scales)} guidance scales for {batch} images; give one value or one per image")
+        # one guidance value for all, else a (B, 1, 1, 1) column broadcast over each image's output
+        guidance = scales[0] if scales and len(set(scales)) == 1 else (
+            torch.tensor(scales).view(-1, 1, 1, 1) if scales else float(guidance_scale))
 
         f = cfg.vae.downsampling_factor
         if cfg.task == "upscale":  # the latent is the size of the low-res image; the output f times larger
@@ -296,13 +313,14 @@ class Pipeline:
                 if tuple(latents.shape) != shape:
                     raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
                 return latents.float()
-            return torch.randn(shape, generator=generator, dtype=torch.float32)
+            return randn(shape, generator)
 
         if cfg.task == "upscale":
             start = tasks.upscale(self.backend, plan, image, noise_level, cfg, shape, generator, noise_fn)
         elif mask_image is not None:
             start = tasks.inpaint(self.backend, plan, image, mask_image, num_inference_steps, strength, scale, shape,
-                                  generator, noise_fn, concat_mask=cfg.unet.in_channels == 9)
+                                  generator, noise_fn, concat_mask=cfg.unet.in_channels == 9,
+                                  masked_content=masked_content)
         elif image is not None:
             start = tasks.img2img(self.backend, plan, image, num_inference_steps, strength, scale, shape,
                                   generator, noise_fn)
@@ -311,7 +329,7 @@ class Pipeline:
         if start.class_labels is not None:
             extra["class_labels"] = torch.cat([start.class_labels] * (2 if guided else 1)).to(self.backend.device)
         if distilled:
-            w = torch.full((batch,), guidance_scale - 1.0)
+            w = (torch.tensor(scales) if scales else torch.full((batch,), float(guidance_scale))) - 1.0
             extra["timestep_cond"] = guidance_embedding(w, cfg.unet.time_cond_proj_dim).to(self.backend.device)
 
         cfg_context = torch.cat([uncond, context]) if guided else context  # built once, not per step
@@ -335,25 +353,33 @@ class Pipeline:
             if not guided:
                 return out
             out_u, out_c = out.chunk(2)
-            return out_u + guidance_scale * (out_c - out_u)
+            return out_u + guidance * (out_c - out_u)
 
         def on_step(info):
             if start.callback is not None:
                 info["x"] = start.callback(info)
             if callback is not None:
                 callback(info)
+            if progress_callback is not None:
+                progress_callback(info["i"] + 1, len(start.plan.timesteps))
             return info["x"]
 
         # The native loop runs whole trajectories; per-step hooks (latent blending, callbacks) need Python.
         native_ok = (self.scheduler == "cpp" and native.available(sampler) and start.callback is None
                      and callback is None and cfg.prediction_type in ("eps", "v"))
-        if (native_ok and control is None and self.backend.device.type == "cuda"
-                and getattr(self.backend, "graph_capturable", False)):
-            x = self._graph_loop_run(sampler, raw_model, call_inputs, start, cfg.prediction_type, guided, guidance_scale,
+        per_image = isinstance(guidance, torch.Tensor)
+        if native_ok and per_image:  # the native loop's fused CFG takes one scale: combine here instead
+            native_model, native_guided = model, False
+        else:
+            native_model, native_guided = raw_model, guided
+        if (native_ok and control is None and self.backend.device.type == "cuda" and not per_image
+                and progress_callback is None and getattr(self.backend, "graph_capturable", False)):
+            x = self._graph_loop_run(sampler, raw_model, call_inputs, start, cfg.prediction_type, guided, guidance,
                                      eta, generator)
         elif native_ok:
-            x = native.run_native(sampler, raw_model, start.x, start.plan, cfg.prediction_type, guided, guidance_scale,
-                                  eta, generator, disable=not progress)
+            x = native.run_native(sampler, native_model, start.x, start.plan, cfg.prediction_type, native_guided,
+                                  1.0 if per_image else guidance, eta, generator, disable=not progress,
+                                  progress_callback=progress_callback)
         else:
             x = run_sampler(sampler, model, start.x, start.plan, cfg.prediction_type, eta=eta, generator=generator,
                             callback=on_step, disable=not progress)

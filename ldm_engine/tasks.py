@@ -14,7 +14,10 @@ import torch.nn.functional as F
 
 from .images import to_tensor
 from .sampling import Plan
+from .sampling.noise import randn, sample_posterior
 from .sampling.schedule import alphas_cumprod_for
+
+MASKED_CONTENT = ("original", "fill", "latent_noise", "latent_nothing")
 
 
 @dataclass
@@ -62,29 +65,41 @@ def txt2img(plan: Plan, noise: torch.Tensor) -> Start:
 
 def img2img(backend, plan, image, steps, strength, scale, shape, generator, noise_fn) -> Start:
     img = load_image(image, shape[-2] * backend_factor(backend), shape[-1] * backend_factor(backend))
-    init = backend.encode(img).sample(generator) * scale  # draws from the generator before the noise
+    init = sample_posterior(backend.encode(img), generator) * scale  # draws from the generator before the noise
     init = init.repeat(shape[0] // init.shape[0], 1, 1, 1)
     plan = _skip(plan, steps, strength)
     return Start(plan.noised(init, noise_fn()), plan)
 
 
 def inpaint(backend, plan, image, mask_image, steps, strength, scale, shape, generator, noise_fn,
-            concat_mask: bool) -> Start:
+            concat_mask: bool, masked_content: str = "original") -> Start:
+    """`masked_content`: what the masked area starts from before noising (A1111's inpainting_fill):
+    the image ("original"), its surroundings' colours ("fill"), noise ("latent_noise"), zeros ("latent_nothing")."""
+    if masked_content not in MASKED_CONTENT:
+        raise ValueError(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got {masked_content!r}")
     f = backend_factor(backend)
     img = load_image(image, shape[-2] * f, shape[-1] * f)
     mask = load_mask(mask_image, img.shape[-2:])
-    reps = shape[0] // img.shape[0]
     full = strength >= 1.0
+    small = F.interpolate(mask, size=shape[-2:])  # latent-size mask, nearest
     init = None
     if not concat_mask or not full:  # the image's own latents are needed (draws before the noise)
-        init = (backend.encode(img).sample(generator) * scale).repeat(reps, 1, 1, 1)
+        source = fill_from_surroundings(img, mask) if masked_content == "fill" else img
+        init = sample_posterior(backend.encode(source), generator) * scale
+        init = init.repeat(shape[0] // init.shape[0], 1, 1, 1)
+        if masked_content == "latent_noise":
+            init = (1 - small) * init + small * randn(init.shape, generator)
+        elif masked_content == "latent_nothing":
+            init = (1 - small) * init
+    reps = shape[0] // img.shape[0]
+    small = small.repeat(reps, 1, 1, 1)
     noise = noise_fn()
     run = plan if full else _skip(plan, steps, strength)
     x = run.initial_latents(noise) if full else run.noised(init, noise)
-    small = F.interpolate(mask, size=shape[-2:]).repeat(reps, 1, 1, 1)  # latent-size mask, nearest
     if concat_mask:
         masked = img * (mask < 0.5)
-        masked_latents = (backend.encode(masked).sample(generator) * scale).repeat(reps, 1, 1, 1)
+        masked_latents = sample_posterior(backend.encode(masked), generator) * scale
+        masked_latents = masked_latents.repeat(shape[0] // masked_latents.shape[0], 1, 1, 1)
         return Start(x, run, concat=torch.cat([small, masked_latents], dim=1))
 
     def blend(info):
@@ -103,10 +118,31 @@ def upscale(backend, plan, image, noise_level, cfg, shape, generator, noise_fn) 
         raise ValueError(f"noise_level must be in [0, {cfg.max_noise_level}], got {noise_level}")
     low = load_image(image, shape[-2], shape[-1])
     abar = float(alphas_cumprod_for(cfg.noise_aug_schedule)[noise_level])
-    low = abar ** 0.5 * low + (1 - abar) ** 0.5 * torch.randn(low.shape, generator=generator, dtype=low.dtype)
+    noise = randn((len(generator), *low.shape[1:]) if isinstance(generator, (list, tuple)) else low.shape, generator)
+    low = abar ** 0.5 * low + (1 - abar) ** 0.5 * noise
     low = low.repeat(shape[0] // low.shape[0], 1, 1, 1)
     return Start(plan.initial_latents(noise_fn()), plan, concat=low,
                  class_labels=torch.full((shape[0],), noise_level, dtype=torch.long))
+
+
+def fill_from_surroundings(img: torch.Tensor, mask: torch.Tensor, levels: int = 6) -> torch.Tensor:
+    """The masked area of `img` (1, 3, H, W) painted with the colours around it (A1111's "fill"): normalized
+    average pooling of the known pixels, from coarse to fine, so each hole pixel takes the nearest known colour
+    at the finest scale that has one. mask (1, 1, H, W): 1 = repaint."""
+    known = 1.0 - mask
+    out = (img * known).sum((2, 3), keepdim=True) / known.sum().clamp(min=1.0)  # the mean known colour
+    out = out.expand_as(img).clone()
+    h, w = img.shape[-2:]
+    for level in range(levels, -1, -1):
+        k = 2 ** level
+        if k > min(h, w):
+            continue
+        num = F.avg_pool2d(img * known, k, ceil_mode=True)
+        den = F.avg_pool2d(known, k, ceil_mode=True)
+        coarse = F.interpolate(num / den.clamp(min=1e-6), size=(h, w), mode="nearest")
+        has = F.interpolate((den > 0).float(), size=(h, w), mode="nearest")
+        out = has * coarse + (1 - has) * out
+    return known * img + mask * out
 
 
 def backend_factor(backend) -> int:

@@ -17,6 +17,7 @@ import torch
 
 from ..info import native_extension
 from .native import draws_noise, native_name, plan_arrays
+from .noise import randn
 from .plan import Plan
 from .samplers import sampler_eta
 
@@ -89,8 +90,7 @@ class CudaGraphLoop:
         t["step"].zero_()
         for i in range(steps):
             if draws_noise(sampler, i, steps, eta):  # the noise a step adds, drawn in the reference's order
-                t["noise"].copy_(torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                                             device=generator.device if generator is not None else "cpu"))
+                t["noise"].copy_(randn(x.shape, generator))
             bucket.graph.replay()
         return t["x"].clone()
 

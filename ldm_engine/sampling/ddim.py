@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .noise import Generators, randn
 from .plan import Plan, after_step
 from .prediction import to_x0_eps
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+def _noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.dtype, x.device)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..info import native_extension
+from .noise import randn
 from .plan import Plan
 from .samplers import sampler_eta
 from .tcd import intermediate_timestep, tcd_targets
@@ -60,10 +61,12 @@ def available(sampler: str) -> bool:
 
 
 def run_native(sampler: str, raw_model, x: torch.Tensor, plan: Plan, prediction_type: str, guided: bool,
-               guidance: float, eta: float | None = None, generator: torch.Generator | None = None,
-               disable: bool | None = None) -> torch.Tensor:
+               guidance: float, eta: float | None = None, generator=None, disable: bool | None = None,
+               progress_callback=None) -> torch.Tensor:
     """raw_model(x_in, t) -> the UNet's raw output for the CFG batch [uncond; cond] (or the plain batch
-    when not guided); returns the final latents. `eta`: DDIM's eta or TCD's gamma (None: the default)."""
+    when not guided); returns the final latents. `eta`: DDIM's eta or TCD's gamma (None: the default).
+    `generator`: one, or a list with one per sample (see sampling.noise). `progress_callback(done, total)`
+    runs after each model call; an exception it raises stops the loop and propagates."""
     ext = native_extension()
     if ext is None:
         raise RuntimeError("the native extension ldm_engine._C is not built; reinstall ldm_engine or use "
@@ -79,10 +82,12 @@ def run_native(sampler: str, raw_model, x: torch.Tensor, plan: Plan, prediction_
     def denoiser(step: int, t: float, x_in: np.ndarray) -> np.ndarray:
         out = raw_model(torch.from_numpy(x_in), int(t) if discrete else t)
         bar.update()
+        if progress_callback is not None:  # the step count from the C++ loop (a disabled bar counts nothing)
+            progress_callback(step + 1, len(plan.timesteps))
         return out.detach().float().contiguous().numpy()
 
     def noise() -> np.ndarray:
-        return torch.randn(x.shape, generator=generator, dtype=torch.float32).numpy()
+        return randn(x.shape, generator).numpy()
 
     try:
         out = ext.run_loop(x.contiguous().numpy(), name, prediction_type, guided=guided, guidance=float(guidance),
