@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   ldm-generate "a house" --model sd15.safetensors --controlnet canny.safetensors --control-image photo.png --canny 100,200
   ldm-generate "a castle <lora:style:0.8>" --model sd15.safetensors --lora-dir loras/
   ldm-generate "a (castle:1.2) in mystyle, BREAK night sky" --model sd15.safetensors --embedding mystyle.pt --clip-skip 2
+  ldm-generate --prompts prompts.txt --out shots/ --steps 25       # one PNG per line: shots/00000.png, ...
+  ldm-generate --prompts prompts.jsonl --out shots/ --ray --concurrency 2   # on Ray Data workers
 """
 
 
@@ -91,6 +93,25 @@ def parser() -> argparse.ArgumentParser:
                    help="ControlNet weight (default 1; one value for all or one per ControlNet)")
     p.add_argument("--canny", type=_thresholds, default=None, metavar="LOW,HIGH",
                    help="turn the control images into Canny edge maps first (e.g. 100,200; needs OpenCV)")
+    batch = p.add_argument_group("batch generation (a prompts file -> one PNG per prompt; resumes where it stopped)")
+    batch.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                       help=".txt (one prompt per line, # comments) or .jsonl (one object per line: prompt and Pipeline "
+                            "arguments such as seed, steps, guidance_scale, sampler, width, height); the options "
+                            "above are every line's defaults; seed: the line's, else --seed (default 0) + index")
+    batch.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="folder for the PNGs: the i-th prompt -> DIR/{i:05d}.png; existing PNGs are skipped")
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray Data: the Ray this process joined, else ADDRESS, else RAY_ADDRESS, else a "
+                            "cluster `ray start` began here, else a new local instance")
+    batch.add_argument("--concurrency", type=int, default=None, metavar="N",
+                       help="Ray workers, each loading the model once (default: the cluster's CPUs / --cpus-per-worker)")
+    batch.add_argument("--batch-size", type=int, default=None, metavar="B",
+                       help="prompts per Ray task, each still rendered alone (default 4)")
+    batch.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                       help="CPUs Ray reserves for each worker (default 1)")
+    batch.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch threads per worker (default: this process's); the same count on the same CPU kind "
+                            "gives the same pixels with and without --ray")
     return p
 
 
@@ -169,6 +190,10 @@ def _dtype(name: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from .serve.batch_job import BATCH_OPTIONS, main_from_cli
+
+    if args.prompts is not None or any(getattr(args, k) is not None for k in BATCH_OPTIONS):
+        return main_from_cli(args)  # a prompts file -> a folder of PNGs, here or on Ray
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from . import CheckpointError, Pipeline
     from .defaults import default_model

@@ -34,9 +34,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def save_png(image: Image.Image, path, parameters: dict, infotext: str | None = None) -> None:
     """Write a PNG with the generation parameters as text chunks: one per key, plus `parameters` (the
-    A1111 infotext when given, see ldm_engine.infotext; else the pairs joined with '; ')."""
+    A1111 infotext when given, see ldm_engine.infotext; else the pairs joined with '; '). `path`: a file path or
+    a binary file object."""
     info = PngImagePlugin.PngInfo()
     for k, v in parameters.items():
         info.add_text(k, str(v))
     info.add_text("parameters", infotext if infotext is not None else "; ".join(f"{k}: {v}" for k, v in parameters.items()))
-    image.save(path, pnginfo=info)
+    image.save(path, format="PNG", pnginfo=info)  # format: `path` may be a file object (BytesIO)
