@@ -176,13 +176,15 @@ def connect_ray(address: str | None) -> bool:
     on this machine), else start a local one. True when this call did ray.init (the caller shuts it down)."""
     import ray
 
+    from .ray_env import init_ray
+
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address not in (None, "auto", "local"):
         _check_reachable(address)
     try:
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
+        init_ray(address, configure_logging=False, log_to_driver=False)
     except ConnectionError as e:
         raise BatchError(f"could not connect to Ray at {address!r}: {e}") from None
     return True

@@ -162,9 +162,10 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 7860, address: str | 
 
     from ray.serve.schema import LoggingConfig
 
+    from .ray_env import init_ray
+
     if not ray.is_initialized():
-        options = dict(include_dashboard=False, configure_logging=False, log_to_driver=verbose)
-        ray.init(address=address, **options) if address else ray.init(**options)
+        init_ray(address, include_dashboard=False, configure_logging=False, log_to_driver=verbose)
     serve.start(http_options={"host": host, "port": port},
                 logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"))
     for app in applications or [{"name": APP_NAME, "route_prefix": "/", "args": args}]:

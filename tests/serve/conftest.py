@@ -9,7 +9,10 @@ ray = pytest.importorskip("ray")
 @pytest.fixture(scope="session")
 def ray_instance():
     """A local Ray instance shared by every test in tests/serve; yields its address."""
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    from ldm_engine.serve.ray_env import init_ray
+
+    # as ldm-serve does: workers import the installed package, not a source checkout in the current directory
+    ctx = init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                    configure_logging=False)
     try:
         yield ctx.address_info["address"]
