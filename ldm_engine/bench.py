@@ -1,11 +1,18 @@
-"""`ldm-bench`: time txt2img per stage on each backend, against a GEMM roofline measured at the start.
+"""`ldm-bench`: time txt2img per stage on each backend, against GEMM rooflines measured at the start.
 
-    ldm-bench --steps 50 --res 512 [--backend torch|onnxruntime|openvino|tensorrt|all|A,B]
+    ldm-bench --steps 50 --res 512 [--backend all|torch|onnxruntime|openvino|tensorrt|A,B]
               [--dtype auto|fp32|bf16|fp16] [--batch N] [--model PATH | --arch sd-1.5]
-              [--warmup N --repeat N] [--parity] [--controlnet] [--json FILE]
+              [--warmup N --repeat N] [--quick] [--parity] [--controlnet] [--json FILE]
+
+--backend all (the default) runs every backend usable on this device and says why each other one is
+skipped; a backend named explicitly that cannot run here stops the command before any work (exit 2).
+--dtype auto runs each backend in fp32 and in its reduced precision (bf16 only on CPUs with bf16
+instructions: elsewhere it is emulated and far slower). --quick: one configuration per backend in its
+default precision, at 256x256 with 4 steps unless --res / --steps are given.
 
 Every configuration runs the real Pipeline end to end (--warmup runs of 2 steps first: compiles and
-caches, then --repeat timed runs); the backend's calls are timed from outside, so one run yields
+caches, then --repeat timed runs) under a progress bar; the backend's calls are timed from outside, so
+one run yields
     text_encoder_s      the text encoder call (prompts and negatives in one batch)
     unet_step_s         median UNet call (the CFG batch, 2 x --batch)
     sampler_overhead_s  per step, the loop's time between UNet calls (guidance, update, bookkeeping)
@@ -13,7 +20,10 @@ caches, then --repeat timed runs); the backend's calls are timed from outside, s
     end_to_end_s        the whole pipeline call, median over --repeat
     unet_gflop_per_s    the UNet's FLOPs (counted once on the meta device) / unet_step_s, and
     roofline_pct        that as a percentage of a large GEMM's GFLOP/s in the same dtype on this machine.
---controlnet adds each configuration's step with a random ControlNet of the architecture
+Every row also records the machine (ldm_engine/bench_machine.py): cpu, isa (the bf16/int8/AVX
+extensions present), int8_gemm_gflops with int8_gemm_by (the fastest native int8 GEMM found, null with
+the reason said once where none runs) and cache_interval (the step-feature cache's interval; null:
+no cache). --controlnet adds each configuration's step with a random ControlNet of the architecture
 (ldm_engine/bench_control.py: controlnet_s, control_unet_step_s, control_step_s, control_cost_x).
 Without --model the architecture (default sd-1.5) gets random weights: timings do not depend on them.
 """
@@ -32,38 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bench_backends import configs_for
+from .bench_machine import cpu_name, gemm_roofline, has_native_bf16, int8_gemm_roofline, isa_flags
+from .bench_progress import StepProgress, config_steps, print_plan, say, table
 from .export.graphs import DTYPE_NAMES, DTYPES
 
-CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
 # ---- measurements --------------------------------------------------------------------------------
-
-def gemm_roofline(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeat: int = 5,
-                  budget_s: float = 3.0) -> float:
-    """GFLOP/s of an n x n x n matmul in `dtype`: the practical compute ceiling of this machine.
-    Where the dtype is emulated (bf16 on CPUs without AVX512_BF16/AMX runs ~15x slower than fp32) one
-    2048^3 product takes seconds, so n halves until a call fits the time budget."""
-    while True:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b)  # the first call warms caches and thread pools
-        _sync(device)
-        if n <= 256 or (time.perf_counter() - t0) * repeat <= budget_s:
-            break
-        n //= 2
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
 
 def unet_gflop(config, batch: int, res: int) -> float:
     """FLOPs (as GFLOP) of one UNet call on the CFG batch at this resolution, counted on the meta device."""
@@ -188,13 +175,17 @@ def make_pipeline(model, backend: str, dtype: str, device: str, **options):
 
 def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: int, warmup: int, repeat: int,
                  device: str, gflop: float, rooflines: dict, guidance: float = 7.5, progress=print,
-                 controlnet: Path | None = None) -> tuple[dict, np.ndarray]:
+                 controlnet: Path | None = None, steps_progress: StepProgress | None = None) -> tuple[dict, np.ndarray]:
     """Time one (backend, dtype); returns its row and the last image (for parity). `controlnet`: a
-    ControlNet file whose step is timed after the plain runs (bench_control.control_row)."""
-    progress(f"[{backend} {dtype}] preparing (export/compile on first use)")
+    ControlNet file whose step is timed after the plain runs (bench_control.control_row). `rooflines`
+    ({dtype name: GFLOP/s}) gains the backend's actual dtype if it lacks it. `steps_progress` draws a
+    bar over this configuration's denoising steps."""
     pipe = make_pipeline(model, backend, dtype, device)
     actual = getattr(pipe.backend, "dtype", None)
     dtype_name = DTYPE_NAMES.get(actual, dtype)
+    if dtype_name not in rooflines and dtype_name in DTYPES:
+        rooflines[dtype_name] = gemm_roofline(DTYPES[dtype_name], device)
+        progress(f"GEMM roofline {dtype_name}: {rooflines[dtype_name]:.0f} GFLOP/s")
     control = controlnet is not None and hasattr(pipe.backend, "controlnet")
     timer = CallTimer(pipe.backend, ("encode_text", "denoise", "decode") + (("controlnet",) if control else ()), device)
     prompts = [PROMPT] * batch if model.text_encoder is not None else None
@@ -202,17 +193,37 @@ def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: i
                   output_type="np", progress=False)
     if prompts is None:
         kwargs.pop("guidance_scale")
+    # a per-step callback would take a CUDA-graph loop off its graph: such runs advance the bar per run
+    per_step = steps_progress is not None and not (device.startswith("cuda")
+                                                   and getattr(pipe.backend, "graph_capturable", False))
+    if per_step:
+        kwargs["progress_callback"] = steps_progress.step
+    if backend != "torch":
+        progress(f"[{backend} {dtype_name}] the first run exports and compiles the graphs not yet cached")
+    if steps_progress is not None:
+        if controlnet is not None and not control:  # the plan counted ControlNet runs this backend cannot make
+            steps_progress.total -= config_steps(steps, warmup, repeat)
+        steps_progress.bar(f"{backend} {dtype_name}", config_steps(steps, warmup, repeat, control))
 
     def run(n_steps, **extra):
         args = [prompts] if prompts is not None else []
-        return pipe(*args, **{**kwargs, "num_inference_steps": n_steps or steps, **extra})
+        t_run = time.perf_counter()
+        out = pipe(*args, **{**kwargs, "num_inference_steps": n_steps or steps, **extra})
+        if steps_progress is not None and not per_step:
+            steps_progress.advance(n_steps or steps)
+            steps_progress.run_ended((time.perf_counter() - t_run) / (n_steps or steps))
+        return out
 
     for _ in range(warmup):
+        if steps_progress is not None:
+            steps_progress.run_started(timed=False)
         run(min(steps, 2))
     e2e, text_t, unet_t, overhead, decode_t = [], [], [], [], []
     with PeakMemory(device) as mem:
         for i in range(repeat):
             timer.reset()
+            if steps_progress is not None:
+                steps_progress.run_started(timed=True)
             _sync(device)
             t0 = time.perf_counter()
             out = run(steps)
@@ -242,45 +253,9 @@ def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: i
 
         row |= (control_row(pipe, timer, run, controlnet, res, warmup, repeat, unet_step, progress) if control
                 else dict.fromkeys(CONTROL_FIELDS))
+    if steps_progress is not None:
+        steps_progress.close()
     return row, out.images
-
-
-def configs_for(backend_arg: str, dtype: str, device: str) -> list[tuple[str, str]]:
-    """[(backend, dtype)] to run. 'all' = every backend usable here, each in fp32 and in its reduced
-    precision (bf16 on CPUs that have it); a comma list picks backends."""
-    from .backends import BACKENDS
-
-    names = list(BACKENDS) if backend_arg == "all" else backend_arg.split(",")
-    for n in names:
-        if n not in BACKENDS:
-            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(BACKENDS)} or all")
-    if backend_arg == "all":
-        names = [n for n in names if _usable(n, device)]
-    if dtype != "auto":
-        return [(n, dtype) for n in names]
-    out = []
-    for n in names:
-        if n == "torch":
-            out += [("torch", "fp32"), ("torch", "bf16" if device == "cpu" else "fp16")]
-        elif n == "openvino":
-            out += [("openvino", "fp32"), ("openvino", "auto")]
-        elif n == "tensorrt":
-            out += [("tensorrt", "fp16")]
-        else:
-            out += [(n, "fp32")]
-    return out
-
-
-def _usable(name: str, device: str) -> bool:
-    import importlib.util
-
-    if name == "tensorrt":
-        return device.startswith("cuda") and importlib.util.find_spec("tensorrt") is not None
-    if name == "openvino":
-        return device == "cpu" and importlib.util.find_spec("openvino") is not None
-    if name == "onnxruntime":
-        return importlib.util.find_spec("onnxruntime") is not None
-    return True
 
 
 def _jsonable(row: dict) -> dict:
@@ -291,13 +266,17 @@ def _jsonable(row: dict) -> dict:
 
 # ---- command line --------------------------------------------------------------------------------
 
+QUICK_RES, QUICK_STEPS = 256, 4
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ldm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--res", type=int, default=512, help="image height and width in pixels")
-    p.add_argument("--backend", default="all", help="torch, onnxruntime, openvino, tensorrt, all, or a comma list")
+    p.add_argument("--steps", type=int, help=f"denoising steps per timed run (default 50; {QUICK_STEPS} with --quick)")
+    p.add_argument("--res", type=int, help=f"image height and width in pixels (default 512; {QUICK_RES} with --quick)")
+    p.add_argument("--backend", default="all",
+                   help="torch, onnxruntime, openvino, tensorrt, a comma list, or all: every one usable here")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: each backend in fp32 and in its reduced precision")
+                   help="auto: each backend in fp32 and in its reduced precision where this machine runs it natively")
     p.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x with guidance)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, help="checkpoint file or diffusers folder")
@@ -306,40 +285,58 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=1, help="untimed 2-step runs first (compiles, caches)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs; medians are reported")
+    p.add_argument("--quick", action="store_true",
+                   help=f"one configuration per backend in its default precision, {QUICK_RES}x{QUICK_RES} and "
+                        f"{QUICK_STEPS} steps unless --res / --steps are given: a first check of each backend")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--parity", action="store_true", help="add each configuration's PSNR against torch fp32")
     p.add_argument("--controlnet", action="store_true",
                    help="also time each step with a random ControlNet of the architecture")
     p.add_argument("--json", type=Path, help="write the list of rows here")
     a = p.parse_args(argv)
+    a.steps = (QUICK_STEPS if a.quick else 50) if a.steps is None else a.steps
+    a.res = (QUICK_RES if a.quick else 512) if a.res is None else a.res
     if a.steps < 1 or a.repeat < 1 or a.batch < 1 or a.warmup < 0:
         p.error("--steps, --repeat and --batch must be >= 1 and --warmup >= 0")
 
     from .loading import CheckpointError, load_checkpoint, random_model
 
+    isa = isa_flags()
+    try:  # what runs is settled before anything is loaded: a backend that cannot run here fails at once
+        configs, skipped = configs_for(a.backend, a.dtype, a.device, a.quick, has_native_bf16(isa))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reference_only = a.parity and ("torch", "fp32") not in configs  # run for its image, not reported
+    if reference_only:
+        configs = [("torch", "fp32")] + configs
+    steps_progress = StepProgress(print_plan(configs, a.steps, a.warmup, a.repeat, a.controlnet, skipped))
+    arch = a.arch or "sd-1.5"
+    say(f"loading {a.model}" if a.model else f"building {arch} with random weights")
     try:
         if a.model:
             model, random_weights = load_checkpoint(a.model, config=a.config), False
             arch = model.config.name
         else:
-            arch = a.arch or "sd-1.5"
             model, random_weights = random_model(arch), True
         from .export.graphs import pixel_multiple
 
         m = pixel_multiple(model)
         if a.res % m:
             raise ValueError(f"--res must be a multiple of {m} for this model, got {a.res}")
-        configs = configs_for(a.backend, a.dtype, a.device)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr, rows on stdout
+    machine = {"cpu": cpu_name(), "isa": isa}
     say(f"{arch}: {'random weights (timings do not depend on weight values)' if random_weights else model.source}; "
-        f"{a.res}x{a.res}, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads")
-    # only the precisions this run uses ("auto" is OpenVINO's bf16 where the CPU has it)
-    wanted = {"fp32"} | {"bf16" if d == "auto" else d for _, d in configs}
-    rooflines = {d: gemm_roofline(DTYPES[d], a.device) for d in ("fp32", "bf16", "fp16") if d in wanted}
-    say("GEMM roofline (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rooflines.items()))
+        f"{a.res}x{a.res}, batch {a.batch}, {a.steps} steps, {torch.get_num_threads()} threads on {machine['cpu']} "
+        f"({isa or 'no AVX2 or newer'})")
+    rooflines = {"fp32": gemm_roofline(torch.float32, a.device)}  # other dtypes when a configuration runs them
+    int8_rate, int8_by = int8_gemm_roofline(a.device)
+    machine |= {"int8_gemm_gflops": int8_rate, "int8_gemm_by": int8_by if int8_rate else None,
+                "cache_interval": None}  # no step-feature cache is applied by ldm-bench yet
+    say(f"GEMM roofline: fp32 {rooflines['fp32']:.0f} GFLOP/s, int8 "
+        + (f"{int8_rate:.0f} GOP/s ({int8_by})" if int8_rate else f"none measured ({int8_by})"))
     gflop = unet_gflop(model.config, a.batch, a.res)
     control_dir = controlnet = None
     if a.controlnet:
@@ -356,13 +353,10 @@ def main(argv=None) -> int:
     base = {"arch": arch, "res": a.res, "batch": a.batch, "steps": a.steps, "random_weights": random_weights}
     rows = []
     reference = None
-    reference_only = a.parity and ("torch", "fp32") not in configs  # run for its image, not reported
-    if reference_only:
-        configs = [("torch", "fp32")] + configs
     for backend, dtype in configs:
         try:
             row, img = bench_config(model, backend, dtype, a.res, a.batch, a.steps, a.warmup, a.repeat, a.device,
-                                    gflop, rooflines, a.guidance, say, controlnet)
+                                    gflop, rooflines, a.guidance, say, controlnet, steps_progress)
         except (RuntimeError, ValueError) as e:
             say(f"[{backend} {dtype}] skipped: {e}")
             continue
@@ -375,8 +369,12 @@ def main(argv=None) -> int:
         row = {**base, **row}
         if a.parity:
             row["psnr_db"] = psnr(reference, img) if reference is not None else None
+        row |= machine
         rows.append(row)
         print(json.dumps(_jsonable(row)), flush=True)
+    steps_progress.close()  # a configuration that failed left its bar open
+    if rows:
+        say(table(rows))
     if a.json:
         a.json.write_text(json.dumps([_jsonable(r) for r in rows], indent=1))
     if control_dir is not None:
