@@ -41,8 +41,7 @@ async def submit(request: Request):
             log.exception("job %s failed", job_id)
             await server.store.finish.remote(job_id, "failed", error=str(e))
             return
-        parameters = {k: v for k, v in data.items() if k not in ("init_images", "mask")}
-        await server.store.finish.remote(job_id, "done", result=convert.a1111_response(parameters, result, req))
+        await server.store.finish.remote(job_id, "done", result=convert.a1111_response(data, result, req))
 
     task = asyncio.get_running_loop().create_task(run())
     _tasks.add(task)

@@ -3,6 +3,8 @@ transparent pixels mark the area to repaint), `models`, and the short-lived file
 Errors come in OpenAI's {"error": {message, type, param, code}} form (server.error_response)."""
 from __future__ import annotations
 
+import uuid
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
@@ -15,27 +17,22 @@ router = APIRouter(prefix="/v1", tags=["OpenAI"])
 URL_TTL_S = 3600  # how long an image answered by URL stays downloadable
 
 
-def _url_maker(request: Request):
-    server = server_of(request)
-    base = str(request.base_url).rstrip("/")
-    ids = []
-
-    async def store_all(pngs: list[bytes]) -> list[str]:
-        for png in pngs:
-            ids.append(await server.store.put_file.remote(png, URL_TTL_S))
-        return [f"{base}/v1/files/{i}.png" for i in ids]
-
-    return store_all
-
-
 async def _answer(request: Request, req, response_format: str) -> dict:
     server = server_of(request)
     _, result = await server.generate(request, req, "openai")
-    if response_format == "url":
-        pngs = [convert.png_bytes(image, text) for image, text in zip(result.images, result.infotexts)]
-        urls = iter(await _url_maker(request)(pngs))
-        return convert.openai_response(result, "url", lambda _png: next(urls), revised_prompt=req.prompt)
-    return convert.openai_response(result, "b64_json", None, revised_prompt=req.prompt)
+    if response_format != "url":
+        return convert.openai_response(result, "b64_json", None, revised_prompt=req.prompt)
+    base, files = str(request.base_url).rstrip("/"), {}
+
+    def url_for(png: bytes) -> str:  # each PNG is encoded once; it is stored under this id just below
+        file_id = uuid.uuid4().hex
+        files[file_id] = png
+        return f"{base}/v1/files/{file_id}.png"
+
+    answer = convert.openai_response(result, "url", url_for, revised_prompt=req.prompt)
+    for file_id, png in files.items():
+        await server.store.put_file.remote(png, URL_TTL_S, file_id)
+    return answer
 
 
 @router.post("/images/generations")

@@ -100,7 +100,6 @@ def app_builder(args: dict):
     """Ray Serve application builder: one ModelServer deployment per model behind the ingress."""
     from .deployment import ModelServer
     from .server import Ingress
-    from .worker import ModelWorker  # noqa: F401 - fail here, not in a replica, if the engine is broken
 
     unknown = set(args) - set(DEFAULTS)
     if unknown:

@@ -128,9 +128,9 @@ class JobStore:
         self.options.update(values)
         return dict(self.options)
 
-    def put_file(self, data: bytes, ttl_s: float | None = None) -> str:
+    def put_file(self, data: bytes, ttl_s: float | None = None, file_id: str | None = None) -> str:
         self._expire()
-        file_id = uuid.uuid4().hex
+        file_id = file_id or uuid.uuid4().hex
         self.files[file_id] = (data, time.time() + (ttl_s or self.ttl_s))
         return file_id
 
