@@ -12,7 +12,13 @@ EXAMPLES = """examples:
   ldm-generate "a photo of a cat" --model sd15.safetensors --steps 30 --seed 1 -o cat.png
   ldm-generate "a castle" --model ./sd21-folder --sampler dpmpp_2m_karras --size 768x768 --num 2
   ldm-generate "a dog" --model sd15.safetensors --image in.png --strength 0.6 -o dog.png
+  ldm-generate "a stone statue" --model 512-depth-ema.ckpt --image in.png --depth depth.png   # SD 2 depth-to-image
   ldm-generate "a red sofa" --model inpaint.ckpt --image room.png --mask mask.png
+  ldm-generate --model bsr_sr.ckpt --image low.png --steps 100 --eta 1 --tile -o x4.png   # LDM 4x super-resolution
+  ldm-generate --model semantic_synthesis512.ckpt --label-map labels.png --steps 50  # an image from a label map
+  ldm-generate --model inpainting_big.ckpt --image room.png --mask mask.png --steps 50   # the LDM inpainting model
+  ldm-generate "a virus monster playing guitar, oil on canvas" --model txt2img-f8-large.ckpt --guidance 5  # LDM BERT
+  ldm-generate --model layout2img.ckpt --layout '[[12, [0.1, 0.5, 0.6, 1.0]], [40, [0.5, 0.1, 0.9, 0.5]]]' --steps 200
   ldm-generate "a castle" --model ./lcm-folder --sampler lcm --steps 4 --guidance 8.5   # an LCM-distilled model
   ldm-generate "a castle" --model sd15.safetensors --lora style.safetensors:0.8
   ldm-generate "a house" --model sd15.safetensors --controlnet canny.safetensors --control-image photo.png --canny 100,200
@@ -54,12 +60,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="sampler (default: a diffusers folder's own scheduler, else ddim)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default 7.5; 4 for the embedded model)")
+                   help="classifier-free guidance scale (default: the model's, 7.5; 1 = none for the LDM BERT models, "
+                        "as diffusers; 4 for the embedded model)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta (default 0, deterministic; the LDM super-resolution notebook samples with 1) or "
+                        "TCD's gamma (default 0.3)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--image", type=Path, help="input image: img2img, or inpainting with --mask")
     p.add_argument("--mask", type=Path, help="inpainting mask (white = repaint)")
+    p.add_argument("--depth", type=Path, default=None, metavar="IMG",
+                   help="depth map for depth-to-image models (white = near; 16-bit PNGs keep their precision): "
+                        "img2img with --image, else generated from noise with this structure")
+    p.add_argument("--label-map", type=Path, default=None, metavar="IMG",
+                   help="label map for semantic synthesis models: a single-channel PNG, one class id per pixel, at "
+                        "the output size")
+    p.add_argument("--tile", type=_tile, nargs="?", const=True, default=None, metavar="SIDE,STRIDE",
+                   help="models conditioned by concatenation (LDM super-resolution, semantic synthesis, LDM "
+                        "inpainting): sample in overlapping latent patches (default 128,64 as the original; without "
+                        "--tile the whole latent at once, convolutionally)")
+    p.add_argument("--layout", type=_layout, default=None, metavar="JSON",
+                   help='layout-to-image models: the objects as JSON, [["Person", [x0, y0, x1, y1]], [3, [...]], ...] '
+                        "with coordinates in [0, 1] and a class number or a name from --class-names; or a .json file")
+    p.add_argument("--class-names", type=Path, default=None, metavar="FILE",
+                   help="the layout model's class names, one per line (line i names class i), for names in --layout")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="PATH",
+                   help="tokenizer files other than the model's own, e.g. the BERT vocab.txt of the LDM text-to-image "
+                        "models (default: a diffusers folder's tokenizer/, else the vocabulary a dependency ships)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img / inpainting strength in [0, 1] (default 0.8; 1.0 for 9-channel inpainting models)")
     p.add_argument("--class-label", type=int, default=None, help="class for class-conditional models")
@@ -126,6 +154,29 @@ def _lora(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
+def _layout(text: str):
+    """--layout: JSON text, or the path of a .json file holding it."""
+    import json
+
+    source = Path(text)
+    try:
+        if text.endswith(".json") and source.is_file():
+            text = source.read_text(encoding="utf-8")
+        return json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"--layout takes JSON such as '[[\"Person\", [0.1, 0.2, 0.5, 0.9]]]' or a "
+                                         f".json file; got {text[:80]!r} ({e})") from None
+
+
+def _tile(text: str) -> tuple[int, int]:
+    try:
+        side, stride = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile takes SIDE,STRIDE in latent pixels such as 128,64, "
+                                         f"got {text!r}") from None
+    return side, stride
+
+
 def _thresholds(text: str) -> tuple[int, int]:
     try:
         low, high = (int(v) for v in text.split(","))
@@ -179,7 +230,10 @@ def a1111_parameters(params: dict, args, out) -> str:
         "CFG scale": f"{args.guidance:g}", "Seed": out.seed, "Size": params["size"], "Model hash": params["model_hash"],
         "Model": model, "Denoising strength": strength, "Clip skip": params.get("Clip skip"),
         "Lora hashes": params.get("Lora hashes"), "TI hashes": params.get("TI hashes"),
-        **{k: v for k, v in params.items() if k.startswith("ControlNet ")}, "Version": f"ldm_engine {__version__}"})
+        **{k: v for k, v in params.items() if k.startswith("ControlNet ")}, "Depth map": params.get("Depth map"),
+        "Label map": params.get("Label map"), "Tile": params.get("Tile"), "Eta": args.eta,
+        "Layout": params.get("Layout"), "Class names": params.get("Class names"),
+        "Version": f"ldm_engine {__version__}"})
 
 
 def _dtype(name: str | None):
@@ -202,13 +256,15 @@ def main(argv: list[str] | None = None) -> int:
 
     embedded = args.model is None
     args.steps = args.steps if args.steps is not None else (20 if embedded else 30)
-    args.guidance = args.guidance if args.guidance is not None else (4.0 if embedded else 7.5)
     try:
         args.model = args.model or default_model()
         pipe = Pipeline.from_pretrained(args.model, config=args.config, backend=args.backend,
                                         dtype=_dtype(args.dtype), device=args.device, prompt_syntax=args.prompt_syntax,
                                         clip_skip=args.clip_skip, embedding_dirs=args.embedding_dir or None,
-                                        lora_dirs=args.lora_dir or None)
+                                        lora_dirs=args.lora_dir or None, tokenizer=args.tokenizer)
+        # the model's own default guidance: 7.5 (Stable Diffusion), 1 for the LDM BERT models (as diffusers)
+        args.guidance = (args.guidance if args.guidance is not None
+                         else 4.0 if embedded else pipe.config.guidance_scale)
         for embedding in args.embedding:
             pipe.load_textual_inversion(embedding)
         lora_tags = "".join(f"<lora:{pipe.load_lora(file, scale)}:{scale:g}>" for file, scale in args.lora)
@@ -218,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         out = pipe(args.prompt or None, negative_prompt=args.negative, height=h, width=w,
                    num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                    seed=args.seed, num_images_per_prompt=args.num, image=args.image, mask_image=args.mask,
-                   strength=args.strength, class_label=args.class_label, **control_kwargs)
+                   strength=args.strength, class_label=args.class_label, depth_map=args.depth, label_map=args.label_map,
+                   tile=args.tile or False, eta=args.eta, layout=args.layout, class_names=args.class_names,
+                   **control_kwargs)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"ldm-generate: error: {e}", file=sys.stderr)
         return 2
@@ -226,6 +284,20 @@ def main(argv: list[str] | None = None) -> int:
               "guidance": args.guidance, "seed": out.seed, "size": f"{out.images[0].width}x{out.images[0].height}",
               "model": args.model.name, "model_hash": model_hash(args.model)}
     params.update(control_params)
+    if args.depth is not None:
+        params["Depth map"] = f"{args.depth.name} [{model_hash(args.depth)}]"
+    if args.label_map is not None:
+        params["Label map"] = f"{args.label_map.name} [{model_hash(args.label_map)}]"
+    if args.layout is not None:  # the objects as given (JSON), and the names file they were looked up in
+        from .conditioning.layout import layout_text
+
+        params["Layout"] = layout_text(args.layout)
+        if args.class_names is not None:
+            params["Class names"] = f"{args.class_names.name} [{model_hash(args.class_names)}]"
+    if args.tile:
+        from .conditioning.patches import resolve_tile
+
+        params["Tile"] = "{},{}".format(*resolve_tile(args.tile, pipe.config))  # patch side, stride (latent pixels)
     if args.clip_skip is not None and args.clip_skip > 1:  # A1111 writes it from 2 on
         params["Clip skip"] = args.clip_skip
     if pipe.prompts is not None and (used := pipe.prompts.used_embeddings([args.prompt, args.negative or ""])):

@@ -13,7 +13,11 @@ def to_tensor(image, size: tuple[int, int] | None = None, mode: str = "RGB") -> 
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         image = Image.open(image)
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
+        try:
+            image = Image.fromarray(image)
+        except TypeError:  # PIL takes uint8 (H, W, 3|4) and 2-D arrays; say so instead of its dtype tuple
+            raise ValueError(f"image arrays must be uint8 (H, W, 3) or (H, W), got shape {image.shape} "
+                             f"{image.dtype}; pass float data as a tensor in [-1, 1]") from None
     image = image.convert(mode)
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)

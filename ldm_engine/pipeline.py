@@ -12,6 +12,9 @@ from .backends import make_backend
 from .control.manager import ControlNets
 from .defaults import default_model
 from . import tasks
+from .conditioning import depth
+from .conditioning.layout import check_args as check_layout, layout_context
+from .conditioning import inpaint_big, patches, semantic, superres
 from .images import to_numpy, to_pil, to_tensor
 from .loading import LoadedModel, load_checkpoint
 from .prompts.encode import PromptEncoder
@@ -57,7 +60,7 @@ class Pipeline:
         self.backend = (make_backend(backend, model, device, dtype, **backend_options) if isinstance(backend, str)
                         else backend)
         self.prompts = None  # prompt text -> context (text-conditioned models)
-        if model.text_encoder is not None:
+        if model.tokenizer is not None:  # the layout model's transformer reads box tokens, not prompts
             self.prompts = PromptEncoder(model, self.backend, prompt_syntax, clip_skip, embedding_dirs,
                                          on_change=self._text_encoder_changed)
         elif embedding_dirs or clip_skip is not None:
@@ -71,16 +74,19 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path=None, config=None, backend: str = "torch", dtype: torch.dtype | None = None,
                         device: str = "cpu", use_ema: bool = True, scheduler: str = "cpp", prompt_syntax: str = "a1111",
-                        clip_skip: int | None = None, embedding_dirs=None, lora_dirs=None,
+                        clip_skip: int | None = None, embedding_dirs=None, lora_dirs=None, tokenizer=None,
                         **backend_options) -> "Pipeline":
         """A pipeline over anything load_checkpoint reads (single file or diffusers folder); with no path,
         the embedded default model (64x64 shapes, e.g. "a red circle on a blue background").
         `dtype` None: the backend's own default (torch: float32; openvino: bf16 where the CPU has it).
+        `tokenizer`: tokenizer files other than the model's own (load_checkpoint), e.g. the LDM text-to-image
+        model's BERT vocab.txt.
         `backend_options` go to the backend (torch: kernels="triton" swaps in the Triton kernels;
         onnxruntime/openvino: onnx_dir, cache_dir, threads; openvino: reshape)."""
         path = default_model() if path is None else path
         weights_dtype = dtype if backend == "torch" and dtype is not None else torch.float32  # graphs export from fp32
-        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=weights_dtype), backend, device, dtype,
+        return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=weights_dtype, tokenizer=tokenizer),
+                   backend, device, dtype,
                    scheduler, prompt_syntax, clip_skip, embedding_dirs, lora_dirs=lora_dirs, **backend_options)
 
     # ---- conditioning ----------------------------------------------------------------------------
@@ -164,11 +170,13 @@ class Pipeline:
         if hasattr(self.backend, "reload"):  # graph backends re-resolve their text encoder graph
             self.backend.reload("text_encoder")
 
-    def _check_args(self, height, width, steps, strength, guidance_scale, sampler, image, mask_image):
+    def _check_args(self, height, width, steps, strength, guidance_scale, sampler, image, mask_image, depth_map=None,
+                    label_map=None, masked_content="original"):
         guidance_scale = min(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else guidance_scale
         cfg = self.config
         # the latent side must survive the UNet's downsamplings; an upscaler's latent is the input image
-        f = (1 if cfg.task == "upscale" else cfg.vae.downsampling_factor) * (2 ** (len(cfg.unet.channel_mult) - 1))
+        f = ((1 if cfg.task in ("upscale", "superres") else cfg.vae.downsampling_factor)
+             * 2 ** (len(cfg.unet.channel_mult) - 1))
         for name, v in (("height", height), ("width", width)):
             if v % f:
                 raise ValueError(f"{name} must be a multiple of {f} for this model, got {v}; try {v // f * f or f}")
@@ -181,12 +189,22 @@ class Pipeline:
         check_sampler(sampler)
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image (the picture to inpaint)")
-        if mask_image is not None and cfg.conditioning == "none":
+        concat_task = cfg.task in ("inpaint", "superres", "semantic")  # these check their own inputs below
+        if mask_image is not None and cfg.conditioning == "none" and not concat_task:
             raise ValueError(f"{cfg.name} is an unconditional model and cannot inpaint; use an SD or inpainting model")
         if cfg.task == "inpaint" and mask_image is None:
             raise ValueError(f"{cfg.name} is an inpainting model: pass image and mask_image")
         if cfg.task == "upscale" and image is None:
             raise ValueError(f"{cfg.name} is an upscaler: pass the low-resolution image")
+        depth.check_args(cfg, depth_map, mask_image)
+        if cfg.task == "superres":  # the models conditioned by concatenation (ldm_engine.conditioning)
+            superres.check_args(cfg, image, mask_image, label_map)
+        elif cfg.task == "semantic":
+            semantic.check_args(cfg, image, mask_image, label_map)
+        elif cfg.task == "inpaint" and cfg.unet.in_channels == 7:
+            inpaint_big.check_args(cfg, image, mask_image, label_map, masked_content)
+        elif label_map is not None:
+            raise ValueError(f"{cfg.name} takes no label_map (semantic synthesis models do)")
 
     def _graph_loop_run(self, sampler, raw_model, inputs, start, prediction, guided, guidance, eta, generator):
         """CUDA: the captured graph reads this call's inputs from device buffers of its own."""
@@ -218,7 +236,8 @@ class Pipeline:
     @restores_prompt_loras  # LoRAs loaded by this call's prompt tags are unloaded when it ends
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float | list[float] = 7.5, sampler: str | None = None, eta: float | None = None,
+                 guidance_scale: float | list[float] | None = None, sampler: str | None = None,
+                 eta: float | None = None,
                  seed: int | list[int] | None = None, generator: Generators = None, latents: torch.Tensor | None = None,
                  num_images_per_prompt: int = 1, image=None, mask_image=None, strength: float | None = None,
                  noise_level: int = 20, class_label: int | list[int] | None = None, output_type: str = "pil",
@@ -227,26 +246,53 @@ class Pipeline:
                  negative_prompt_embeds: torch.Tensor | None = None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
-                 guess_mode: bool = False, progress_callback=None, masked_content: str = "original") -> PipelineOutput:
+                 guess_mode: bool = False, progress_callback=None, masked_content: str = "original",
+                 depth_map=None, label_map=None, tile=False, layout=None, class_names=None) -> PipelineOutput:
         """`clip_skip` overrides the pipeline's for this call; `prompt_embeds` / `negative_prompt_embeds`
         (B, 77·k, C), e.g. from encode_prompt, stand in for prompt / negative_prompt.
         `control_image`: one image per loaded ControlNet, RGB in [0, 1] at the output size (others are
         stretched: see ldm_engine.control.hint); the scale, start and end (fractions of the steps) are one
         value or one per ControlNet; `guess_mode`: the ControlNets see only the conditional CFG half.
         `seed` / `generator`: one for the whole batch, or a list with one per image — each image then gets the
-        noise it would get alone (sampling.noise); `guidance_scale`: one value or one per image.
+        noise it would get alone (sampling.noise); `guidance_scale`: one value or one per image (None: the
+        model's default, config.guidance_scale: 7.5, or 1.0 = no guidance for the LDM BERT models, as diffusers).
         `progress_callback(done, total)` runs after every denoising step on every loop (an exception it raises
         stops the run); `masked_content` (inpainting): what the masked area starts from — "original",
-        "fill" (colours of its surroundings), "latent_noise" or "latent_nothing" (A1111's inpainting_fill)."""
+        "fill" (colours of its surroundings), "latent_noise" or "latent_nothing" (A1111's inpainting_fill).
+        `depth_map` (depth-to-image models, required): (H, W) array / tensor or depth image, larger = nearer,
+        one for all images or one per image; resized to the latent size and normalised to [-1, 1] (see
+        ldm_engine.conditioning.depth). With `image` it is image-to-image at `strength` (default 0.8); without,
+        sampling starts from pure noise at height x width and the depth map alone gives the structure.
+        `label_map` (semantic synthesis models, required): class ids at the output size — a single-channel
+        image or its path (integer PNG), a (H, W) integer array, or a one-hot (H, W, classes) array; it sets
+        height and width (see ldm_engine.conditioning.semantic).
+        `tile` (models conditioned by concatenation: LDM super-resolution, semantic synthesis, the big LDM
+        inpainting model): False (default) samples convolutionally, the whole latent in each UNet call, as
+        diffusers' LDMSuperResolutionPipeline does; True samples in overlapping patches of 128 latent pixels
+        at stride 64 and decodes in the same patches, as the original's split_input_params; (side, stride) in
+        latent pixels chooses the patches (see ldm_engine.conditioning.patches).
+        `layout` (layout-to-image models, required): [(class, (x0, y0, x1, y1)), ...] boxes as fractions of
+        the image in [0, 1], at most 30 objects, or a list of such layouts (one per image); the class is a
+        number, or a name found in `class_names` (a list, or a file with one name per line; the checkpoint
+        stores none). See ldm_engine.conditioning.layout for the tokens; these models run without guidance."""
         cfg = self.config
+        guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         sampler = sampler or cfg.default_sampler  # a diffusers folder's own scheduler, as diffusers runs it
+        labels = None  # semantic synthesis: the label map sets the output size
+        if label_map is not None and cfg.task == "semantic":
+            labels = semantic.read_label_map(label_map, cfg.spatial_rescaler.in_channels)
+            height, width = semantic.output_size(labels, height, width, cfg.vae.downsampling_factor
+                                                 * 2 ** (len(cfg.unet.channel_mult) - 1))
         if image is not None and (height is None or width is None):
             probe = to_tensor(image)
             height, width = height or probe.shape[-2], width or probe.shape[-1]
         height, width = height or cfg.image_size, width or cfg.image_size
         # eta None: the sampler's own (DDIM 0, TCD's gamma 0.3); strength None: 1.0 for 9-channel inpainting, else 0.8
         strength = tasks.default_strength(cfg, mask_image) if strength is None else strength
-        self._check_args(height, width, num_inference_steps, strength, guidance_scale, sampler, image, mask_image)
+        self._check_args(height, width, num_inference_steps, strength, guidance_scale, sampler, image, mask_image,
+                         depth_map=depth_map, label_map=label_map, masked_content=masked_content)
+        check_layout(cfg, layout, class_names)
+        tile_spec = patches.resolve_tile(tile, cfg)  # None: convolutional sampling
         control = self.control.prepare(control_image, controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode, height, width)
         eta = sampler_eta(sampler, eta)
@@ -285,6 +331,11 @@ class Pipeline:
                 raise ValueError(f"class_label must be in [0, {cfg.num_classes - 1}], got {labels.tolist()}")
             context = self.backend.embed_class(labels)
             batch = len(labels)
+        elif cfg.conditioning == "layout":  # bounding-box tokens through the BERT transformer, once per call
+            if prompt:
+                raise ValueError(f"{cfg.name} is a layout-to-image model: it takes layout=, not a prompt")
+            context = layout_context(self.backend, layout, self.model.text_encoder.config, class_names)
+            batch = context.shape[0]
         else:
             if prompt:
                 raise ValueError(f"{cfg.name} is unconditional: it takes no prompt")
@@ -303,7 +354,7 @@ class Pipeline:
             torch.tensor(scales).view(-1, 1, 1, 1) if scales else float(guidance_scale))
 
         f = cfg.vae.downsampling_factor
-        if cfg.task == "upscale":  # the latent is the size of the low-res image; the output f times larger
+        if cfg.task in ("upscale", "superres"):  # the latent is the low-res image's size; the output f times larger
             height, width = height * f, width * f
         shape = (batch, cfg.vae.embed_dim, height // f, width // f)
         scale = cfg.scale_factor
@@ -317,6 +368,16 @@ class Pipeline:
 
         if cfg.task == "upscale":
             start = tasks.upscale(self.backend, plan, image, noise_level, cfg, shape, generator, noise_fn)
+        elif cfg.task == "superres":
+            start = superres.start(plan, image, shape, noise_fn)
+        elif cfg.task == "semantic":
+            start = semantic.start(self.model.cond_stage, plan, labels, shape, noise_fn)
+        elif cfg.task == "inpaint" and cfg.unet.in_channels == 7:
+            start = inpaint_big.start(self.backend, plan, image, mask_image, num_inference_steps, strength, scale,
+                                      shape, noise_fn)
+        elif cfg.task == "depth":
+            start = depth.depth2img(self.backend, plan, image, depth_map, num_inference_steps, strength, scale, shape,
+                                    generator, noise_fn)
         elif mask_image is not None:
             start = tasks.inpaint(self.backend, plan, image, mask_image, num_inference_steps, strength, scale, shape,
                                   generator, noise_fn, concat_mask=cfg.unet.in_channels == 9,
@@ -338,6 +399,7 @@ class Pipeline:
 
         # the tensors every denoiser call reads; the CUDA-graph loop swaps in copies it owns
         call_inputs = {"context": cfg_context, "concat": start.concat, **extra}
+        denoise = patches.patchwise(self.backend.denoise, *tile_spec) if tile_spec else self.backend.denoise
 
         def raw_model(x_in: torch.Tensor, t, inputs: dict = call_inputs) -> torch.Tensor:
             """The UNet (with the ControlNets' residuals) on the CFG batch: [uncond; cond] outputs when guided."""
@@ -346,7 +408,7 @@ class Pipeline:
                 step_extra["control"] = control(x_in, t)
             if inputs["concat"] is not None:
                 x_in = torch.cat([x_in, inputs["concat"]], dim=1)
-            return self.backend.denoise(torch.cat([x_in, x_in]) if guided else x_in, t, inputs["context"], step_extra)
+            return denoise(torch.cat([x_in, x_in]) if guided else x_in, t, inputs["context"], step_extra)
 
         def model(x_in: torch.Tensor, t) -> torch.Tensor:
             out = raw_model(x_in, t)
@@ -386,7 +448,10 @@ class Pipeline:
         _check_finite(x, "latents after sampling")
         if output_type == "latent":
             return PipelineOutput(x, x, seed)
-        images = self.decode(x)
+        images = (patches.decode_patches(self.backend.decode, x / cfg.scale_factor, *tile_spec,
+                                         cfg.vae.downsampling_factor) if tile_spec else self.decode(x))
+        if start.finish is not None:  # e.g. the LDM inpainting model's composite with the input image
+            images = start.finish(images)
         _check_finite(images, "decoded image")
         out = {"pil": to_pil, "np": to_numpy, "pt": lambda t: (t / 2 + 0.5).clamp(0, 1)}
         if output_type not in out:

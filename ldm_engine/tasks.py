@@ -27,6 +27,7 @@ class Start:
     concat: torch.Tensor | None = None  # extra UNet input channels (B, C, h, w), same for both CFG halves
     class_labels: torch.Tensor | None = None
     callback: object = None  # per-step hook that may replace the latents
+    finish: object = None  # decoded images (B, 3, H, W) in [-1, 1] -> final images (a composite with the input)
 
 
 def load_image(image, height: int, width: int) -> torch.Tensor:
@@ -47,8 +48,9 @@ def load_mask(mask_image, image_hw: tuple[int, int]) -> torch.Tensor:
 
 def default_strength(cfg, mask_image) -> float:
     """diffusers' defaults: 1.0 when a 9-channel inpainting model inpaints (StableDiffusionInpaintPipeline:
-    the masked region starts from pure noise), 0.8 for image-to-image (StableDiffusionImg2ImgPipeline)."""
-    return 1.0 if mask_image is not None and cfg.unet.in_channels == 9 else 0.8
+    the masked region starts from pure noise), 0.8 for image-to-image (StableDiffusionImg2ImgPipeline); 1.0
+    for the 7-channel LDM inpainting model too (its scripts/inpaint.py samples from pure noise)."""
+    return 1.0 if mask_image is not None and (cfg.unet.in_channels == 9 or cfg.task == "inpaint") else 0.8
 
 
 def _skip(plan: Plan, steps: int, strength: float) -> Plan:

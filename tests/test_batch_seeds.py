@@ -2,7 +2,6 @@
 the batch-invariant UNet: what lets a server batch unrelated requests and still give each its own image."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -22,7 +22,7 @@ class TorchBackend:
         self.model = model
         self.device = torch.device(device)
         self.dtype = dtype or next(model.unet.parameters()).dtype
-        for m in (model.unet, model.vae, model.text_encoder, model.class_embedder):
+        for m in (model.unet, model.vae, model.text_encoder, model.class_embedder, model.cond_stage):
             if m is not None:
                 m.to(self.device, self.dtype)
         if kernels == "auto":  # the Triton kernels by default where they compile: on CUDA devices

@@ -8,6 +8,7 @@ import re
 import torch
 
 from ..models.configs import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from . import bert_keys
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def detect_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
                    for level in range(len(mults))]
         cfg.disable_self_attentions = tuple(no_self) if any(no_self) else None
     # Head counts leave no trace in the shapes; use each family's convention.
-    if cfg.context_dim == 768:
+    if cfg.context_dim in (768, 1280):  # SD1, and the LDM text-to-image txt2img-f8-large (1280-wide BERT)
         cfg.num_heads = 8
     elif cfg.context_dim == 1024 or not spatial:
         cfg.num_head_channels = 64 if spatial else 32
@@ -89,6 +90,7 @@ def detect_vae(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
         z_channels=_need(sd, "decoder.conv_in.weight", "autoencoder").shape[1],
         embed_dim=quant if vq else quant // 2, n_embed=sd["quantize.embedding.weight"].shape[0] if vq else None,
         attn_resolutions=tuple(256 // 2 ** i for i in levels if any(k.startswith(f"encoder.down.{i}.attn.") for k in sd)),
+        attn_type="vanilla" if "encoder.mid.attn_1.q.weight" in sd else "none",  # attn_type none: no attention weights
     )
 
 
@@ -107,6 +109,9 @@ def detect_text_encoder(sd: dict[str, torch.Tensor], openclip: bool) -> TextEnco
 
 def detect_config(unet_sd, vae_sd, text_sd, openclip: bool, class_sd, name: str) -> LDMConfig:
     unet, vae = detect_unet(unet_sd), detect_vae(vae_sd)
+    if "token_emb.weight" in text_sd:  # the LDM BERT transformer; its models' settings are not in the weights
+        text = bert_keys.detect_bert(text_sd)
+        return LDMConfig(name=name, unet=unet, vae=vae, text_encoder=text, **bert_keys.model_settings(text, vae))
     text = detect_text_encoder(text_sd, openclip) if text_sd else None
     if text is not None:
         cond, classes = "text", None
@@ -118,6 +123,8 @@ def detect_config(unet_sd, vae_sd, text_sd, openclip: bool, class_sd, name: str)
                     schedule=SD_SCHEDULE if text else LDM_SCHEDULE, scale_factor=0.18215 if text else 1.0)
     if unet.in_channels == 9:
         cfg.task = "inpaint"
+    elif unet.in_channels == 5 and openclip:  # SD 2 depth-to-image (512-depth-ema): eps-prediction, 512 px
+        cfg.task = "depth"
     elif unet.in_channels == 7 and unet.num_classes:
         cfg.task, cfg.prediction_type, cfg.scale_factor = "upscale", "v", 0.08333
         cfg.schedule = UPSCALER_SCHEDULE

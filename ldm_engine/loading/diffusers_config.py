@@ -77,8 +77,8 @@ def vae_config(c: dict, where: str, kind: str) -> tuple[AutoencoderConfig, float
     for t in c.get("down_block_types", []) + c.get("up_block_types", []):
         if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D"):
             raise CheckpointError(f"{where}: autoencoder block {t!r} is not supported")
-    if c.get("norm_type", "group") != "group" or not c.get("mid_block_add_attention", True):
-        raise CheckpointError(f"{where}: only group-norm autoencoders with mid attention are supported")
+    if c.get("norm_type", "group") != "group":
+        raise CheckpointError(f"{where}: only group-norm autoencoders are supported")
     chans = list(c["block_out_channels"])
     z = c.get("latent_channels", 4)
     cfg = AutoencoderConfig(
@@ -87,6 +87,7 @@ def vae_config(c: dict, where: str, kind: str) -> tuple[AutoencoderConfig, float
         z_channels=z, embed_dim=(c.get("vq_embed_dim") or z) if kind == "vq" else z,
         n_embed=c.get("num_vq_embeddings") if kind == "vq" else None, norm_groups=c.get("norm_num_groups", 32),
         resolution=c.get("sample_size", 256) if isinstance(c.get("sample_size", 256), int) else 256,
+        attn_type="vanilla" if c.get("mid_block_add_attention", True) else "none",
     )
     return cfg, float(c.get("scaling_factor", 0.18215))
 

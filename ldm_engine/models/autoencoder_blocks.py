@@ -84,10 +84,11 @@ class Level(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, groups: int, attention: bool = True):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
+        # attn_type "none": an identity, as the original make_attn (no weights in the checkpoint)
+        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x):
@@ -108,13 +109,13 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 level.block.append(ResnetBlock(ch, out, g))
                 ch = out
-                if res in cfg.attn_resolutions:
+                if res in cfg.attn_resolutions and cfg.attn_type != "none":
                     level.attn.append(AttnBlock(ch, g))
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(ch)
                 res //= 2
             self.down.append(level)
-        self.mid = MidBlock(ch, g)
+        self.mid = MidBlock(ch, g, cfg.attn_type != "none")
         self.norm_out = Normalize(ch, g)
         z = 2 * cfg.z_channels if cfg.kind == "kl" else cfg.z_channels  # KL: mean and log-variance
         self.conv_out = nn.Conv2d(ch, z, 3, padding=1)
@@ -142,14 +143,14 @@ class Decoder(nn.Module):
         ch = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsampling_factor
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch, g)
+        self.mid = MidBlock(ch, g, cfg.attn_type != "none")
         levels = []
         for i in reversed(range(len(cfg.ch_mult))):
             level, out = Level(), cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks + 1):
                 level.block.append(ResnetBlock(ch, out, g))
                 ch = out
-                if res in cfg.attn_resolutions:
+                if res in cfg.attn_resolutions and cfg.attn_type != "none":
                     level.attn.append(AttnBlock(ch, g))
             if i != 0:
                 level.upsample = Upsample(ch)

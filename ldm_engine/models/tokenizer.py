@@ -69,33 +69,23 @@ class _EmbeddedBPE:
         return self._tok.decode(list(ids)).strip()
 
 
-class CLIPTokenizer:
-    """prompts -> LongTensor (B, max_length) of CLIP token ids."""
+class PaddedRows:
+    """Rows of `max_length` ids, `[start] pieces [end] padding`, over a subword codec (`self._codec`, with
+    encode / decode) and the special ids a subclass sets; shared by the CLIP and WordPiece tokenizers."""
 
-    def __init__(self, folder: str | Path | None = None, max_length: int = 77, pad_token_id: int | None = None):
-        if folder is not None:
-            folder = Path(folder)
-            vocab, merges = folder / "vocab.json", folder / "merges.txt"
-            if not vocab.is_file() or not merges.is_file():
-                raise FileNotFoundError(f"tokenizer folder {folder} needs vocab.json and merges.txt")
-            self._bpe = _FileBPE(vocab, merges)
-        else:
-            self._bpe = _EmbeddedBPE()
-        self.max_length = max_length
-        self.bos_token_id, self.eos_token_id = self._bpe.bos_id, self._bpe.eos_id
-        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
+    unit = "tokens"  # what the warning about a long prompt calls the codec's pieces
 
     def tokenize(self, text: str) -> list[int]:
-        """Text -> its BPE token ids: no start/end tokens, no padding, no length limit."""
-        return self._bpe.encode(text)
+        """Text -> its ids: no start/end tokens, no padding, no length limit."""
+        return self._codec.encode(text)
 
     def encode(self, prompt: str) -> list[int]:
-        """One prompt -> [start] + tokens + [end] + padding (max_length ids); long prompts are
+        """One prompt -> [start] + pieces + [end] + padding (max_length ids); long prompts are
         truncated with a warning that names the dropped words."""
-        ids = self._bpe.encode(prompt)
+        ids = self._codec.encode(prompt)
         room = self.max_length - 2
         if len(ids) > room:
-            log.warning("prompt is longer than %d tokens; dropped: %r", room, self._bpe.decode(ids[room:]))
+            log.warning("prompt is longer than %d %s; dropped: %r", room, self.unit, self._codec.decode(ids[room:]))
             ids = ids[:room]
         ids = [self.bos_token_id, *ids, self.eos_token_id]
         return ids + [self.pad_token_id] * (self.max_length - len(ids))
@@ -111,4 +101,21 @@ class CLIPTokenizer:
             ids = ids[1:]
         if self.eos_token_id in ids:  # everything after the end token is padding
             ids = ids[: ids.index(self.eos_token_id)]
-        return self._bpe.decode(ids)
+        return self._codec.decode(ids)
+
+
+class CLIPTokenizer(PaddedRows):
+    """prompts -> LongTensor (B, max_length) of CLIP token ids."""
+
+    def __init__(self, folder: str | Path | None = None, max_length: int = 77, pad_token_id: int | None = None):
+        if folder is not None:
+            folder = Path(folder)
+            vocab, merges = folder / "vocab.json", folder / "merges.txt"
+            if not vocab.is_file() or not merges.is_file():
+                raise FileNotFoundError(f"tokenizer folder {folder} needs vocab.json and merges.txt")
+            self._codec = _FileBPE(vocab, merges)
+        else:
+            self._codec = _EmbeddedBPE()
+        self.max_length = max_length
+        self.bos_token_id, self.eos_token_id = self._codec.bos_id, self._codec.eos_id
+        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id

@@ -178,8 +178,15 @@ class TextualInversions:
         self._skipped: set[Path] = set()  # folder files whose stem is a vocabulary word (warned once)
 
     @property
+    def table(self) -> nn.Embedding:
+        """The token-embedding table: CLIP's `embeddings.token_embedding`, the LDM BERT transformer's `token_emb`
+        (the text encoder of the textual-inversion paper's own LDM experiments)."""
+        te = self.text_encoder
+        return te.token_emb if hasattr(te, "token_emb") else te.embeddings.token_embedding
+
+    @property
     def width(self) -> int:
-        return self.text_encoder.embeddings.token_embedding.weight.shape[1]
+        return self.table.weight.shape[1]
 
     # ---- loading ---------------------------------------------------------------------------------
 
@@ -222,7 +229,7 @@ class TextualInversions:
 
     def _install(self, embeddings: list[Embedding]) -> None:
         """Table = original rows + each embedding's vectors, in order; ids assigned accordingly."""
-        table = self.text_encoder.embeddings.token_embedding
+        table = self.table
         before = (table.weight, self._original, self.loaded, {e.name: e.ids for e in embeddings})
         if self._original is None:
             self._original = table.weight
