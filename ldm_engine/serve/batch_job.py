@@ -85,6 +85,8 @@ def render(pipe, spec: ModelSpec, lora_tags: str, args: dict, inputs: dict[str, 
     call = {k: v for k, v in args.items() if k not in IMAGE_KEYS}
     call.update({k: Image.open(io.BytesIO(data)) for k, data in inputs.items() if data})
     call["sampler"] = call.get("sampler") or pipe.config.default_sampler
+    if call.get("guidance_scale") is None:
+        call["guidance_scale"] = pipe.config.guidance_scale
     out = pipe(**call, progress=False)
     prompt, negative = call.get("prompt", ""), call.get("negative_prompt") or ""
     steps, guidance = call["num_inference_steps"], call["guidance_scale"]
@@ -101,7 +103,7 @@ def render(pipe, spec: ModelSpec, lora_tags: str, args: dict, inputs: dict[str, 
         params["Lora hashes"] = lora_hashes(loras)
     # the fields of an ldm-generate run that a1111_parameters reads
     run = SimpleNamespace(model=Path(spec.model), steps=steps, sampler=call["sampler"], guidance=guidance,
-                          strength=call.get("strength"), image=args.get("image"))
+                          strength=call.get("strength"), image=args.get("image"), eta=call.get("eta"))
     buf = io.BytesIO()
     save_png(out.images[0], buf, params, a1111_parameters(params, run, out))
     return buf.getvalue()
@@ -297,6 +299,10 @@ def _check_cli(args) -> None:
                          "other seeds for more")
     if args.controlnet or args.control_image or args.control_scale or args.canny:
         raise BatchError("ControlNet options do not apply to --prompts; run ControlNet images one at a time")
+    for flag in ("depth", "label_map", "layout", "class_names", "tile", "tokenizer"):
+        if getattr(args, flag, None) is not None:
+            raise BatchError(f"--{flag.replace('_', '-')} does not apply to --prompts; run the models that take it "
+                             "one image at a time")
     for name, value, low in (("--concurrency", args.concurrency, 1), ("--batch-size", args.batch_size, 1),
                              ("--threads", args.threads, 1)):
         if value is not None and value < low:
@@ -324,10 +330,11 @@ def main_from_cli(args) -> int:
         w, h = args.size or (None, None)
         steps = args.steps if args.steps is not None else (20 if embedded else 30)
         defaults = {"negative_prompt": args.negative, "num_inference_steps": steps,
-                    "guidance_scale": args.guidance if args.guidance is not None else (4.0 if embedded else 7.5),
+                    # None: each model's own default (7.5; 1 for the LDM BERT models), read once the model is loaded
+                    "guidance_scale": args.guidance if args.guidance is not None else (4.0 if embedded else None),
                     "sampler": args.sampler, "width": w, "height": h, "strength": args.strength,
                     "image": str(args.image) if args.image else None, "mask_image": str(args.mask) if args.mask else None,
-                    "class_label": args.class_label}
+                    "class_label": args.class_label, "eta": args.eta}
         items = with_defaults(read_prompts(args.prompts), defaults, args.seed or 0)  # before hashing the model
         spec = ModelSpec(str(model), model_hash(model), args.threads or torch.get_num_threads(), args.config,
                          args.backend, args.dtype, args.device, args.prompt_syntax, args.clip_skip,

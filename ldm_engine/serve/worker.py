@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..adapters.tags import extract_lora_tags
@@ -224,18 +225,26 @@ class ModelWorker:
         return out
 
     def health(self) -> None:
-        """A tiny generation: one step at the smallest size the model takes (what Ray's health check runs)."""
+        """A tiny generation: one step at a small size the model takes (what Ray's health check runs)."""
         cfg = self.pipe.config
-        f = (1 if cfg.task == "upscale" else cfg.vae.downsampling_factor) * 2 ** (len(cfg.unet.channel_mult) - 1)
+        # twice the smallest size: the innermost feature map is 2x2, so a GroupNorm of one channel per group
+        # still has more than one value to normalise
+        f = 2 * (1 if cfg.task in ("upscale", "superres") else cfg.vae.downsampling_factor) * 2 ** (len(cfg.unet.channel_mult) - 1)
         args = dict(height=f, width=f, num_inference_steps=1, seed=0, output_type="latent", progress=False)
         if cfg.conditioning == "class":
             args["class_label"] = 0
-        if cfg.task in ("inpaint", "upscale"):
+        if cfg.task in ("inpaint", "upscale", "superres"):
             from PIL import Image
 
             args["image"] = Image.new("RGB", (f, f), (128, 128, 128))
             if cfg.task == "inpaint":
                 args["mask_image"] = Image.new("L", (f, f), 255)
+        elif cfg.task == "semantic":  # every pixel class 0
+            args["label_map"] = np.zeros((f, f), dtype=np.int64)
+        elif cfg.task == "depth":  # a left-to-right ramp (a constant map is refused)
+            args["depth_map"] = np.tile(np.linspace(0.0, 1.0, f, dtype=np.float32), (f, 1))
+        elif cfg.task == "layout":
+            args["layout"] = [(0, (0.25, 0.25, 0.75, 0.75))]
         with self.lock, torch.no_grad():
             out = self.pipe(**args).images
         if not torch.isfinite(out).all():

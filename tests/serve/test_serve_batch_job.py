@@ -102,6 +102,9 @@ def test_bad_file_names(tmp_path):
     (["--prompts", "P", "--out", "O", "--ray", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--prompts", "P", "--out", "O", "--ray", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
     (["--prompts", "P", "--out", "O", "--image", "missing.png"], "--image file 'missing.png' does not exist"),
+    (["--prompts", "P", "--out", "O", "--label-map", "l.png"], "--label-map does not apply to --prompts"),
+    (["--prompts", "P", "--out", "O", "--layout", "[[1, [0, 0, 1, 1]]]"], "--layout does not apply to --prompts"),
+    (["--prompts", "P", "--out", "O", "--tile"], "--tile does not apply to --prompts"),
 ])
 def test_batch_options_are_checked(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -88,3 +88,19 @@ def test_app_builder_and_flags_refuse_bad_settings(tmp_path, capsys):
     ns = cli.parser().parse_args(["--model", f"base={model}", "--autoscale", "1,4"])
     args = cli.args_from_flags(ns)
     assert args["models"] == [{"name": "base", "path": str(model.resolve())}] and args["autoscale"] == [1, 4]
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd2-depth", "tiny-ldm-superres", "tiny-ldm-semantic",
+                                    "tiny-ldm-inpaint", "tiny-ldm-bert", "tiny-ldm-layout", "tiny-ldm-vq"])
+def test_replica_health_check_runs_on_every_model_kind(preset):
+    """Ray's health check runs a one-step generation: it must give each task the input it needs (a depth
+    map, a label map, a layout, a low-res image), or a replica of such a model would be restarted forever."""
+    import threading
+
+    from ldm_engine.loading import random_model
+    from ldm_engine.pipeline import Pipeline
+    from ldm_engine.serve.worker import ModelWorker
+
+    worker = ModelWorker.__new__(ModelWorker)  # the replica's state without reading a model file
+    worker.pipe, worker.lock = Pipeline(random_model(preset)), threading.Lock()
+    worker.health()
