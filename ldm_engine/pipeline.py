@@ -278,10 +278,10 @@ class Pipeline:
         cfg = self.config
         guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         sampler = sampler or cfg.default_sampler  # a diffusers folder's own scheduler, as diffusers runs it
-        labels = None  # semantic synthesis: the label map sets the output size
+        label_ids = None  # semantic synthesis: the label map sets the output size
         if label_map is not None and cfg.task == "semantic":
-            labels = semantic.read_label_map(label_map, cfg.spatial_rescaler.in_channels)
-            height, width = semantic.output_size(labels, height, width, cfg.vae.downsampling_factor
+            label_ids = semantic.read_label_map(label_map, cfg.spatial_rescaler.in_channels)
+            height, width = semantic.output_size(label_ids, height, width, cfg.vae.downsampling_factor
                                                  * 2 ** (len(cfg.unet.channel_mult) - 1))
         if image is not None and (height is None or width is None):
             probe = to_tensor(image)
@@ -371,7 +371,7 @@ class Pipeline:
         elif cfg.task == "superres":
             start = superres.start(plan, image, shape, noise_fn)
         elif cfg.task == "semantic":
-            start = semantic.start(self.model.cond_stage, plan, labels, shape, noise_fn)
+            start = semantic.start(self.model.cond_stage, plan, label_ids, shape, noise_fn)
         elif cfg.task == "inpaint" and cfg.unet.in_channels == 7:
             start = inpaint_big.start(self.backend, plan, image, mask_image, num_inference_steps, strength, scale,
                                       shape, noise_fn)

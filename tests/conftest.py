@@ -84,6 +84,27 @@ def write_tiny_vocab(folder, pad_token: str = "<|endoftext|>"):
     return folder
 
 
+def hf_to_openclip(sd: dict, logit_scale: bool = False) -> dict:
+    """A transformers (reference-layout) CLIP text state dict written in OpenCLIP's layout (fused in_proj,
+    ln_1, c_fc, ...), as original SD2 checkpoints store it; `logit_scale` adds that unused tensor too."""
+    w = sd["embeddings.token_embedding.weight"].shape[1]
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
+           "text_projection": torch.zeros(w, w)}
+    if logit_scale:
+        out["logit_scale"] = torch.tensor(4.6)
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    for i in range(layers):
+        p, q = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[q + f"attn.in_proj_{kind}"] = torch.cat([sd[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[q + f"{b}.{kind}"] = sd[p + f"{a}.{kind}"]
+    return out
+
+
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory):
     """A diffusers SD1-style folder: tiny UNet, KL VAE, CLIP text encoder, tokenizer, DDIM scheduler."""

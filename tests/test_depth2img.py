@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_diffusers_folder
+from conftest import hf_to_openclip, save_diffusers_folder
 from ldm_engine import Pipeline
 from ldm_engine.conditioning.depth import load_depth_map, prepare_depth
 from ldm_engine.loading import CheckpointError, load_checkpoint, random_model
@@ -159,30 +159,12 @@ def test_without_image_starts_from_pure_noise(ref, model):
 
 # ---- the original single-file layout, detection, YAML ------------------------------------------
 
-def _to_openclip(sd: dict) -> dict:
-    """Reference (transformers-style) text encoder keys -> OpenCLIP's (fused in_proj, ln_1, c_fc, ...)."""
-    w = sd["embeddings.token_embedding.weight"].shape[1]
-    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           "positional_embedding": sd["embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
-           "text_projection": torch.zeros(w, w), "logit_scale": torch.tensor(4.6)}
-    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    for i in range(layers):
-        p, q = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[q + f"attn.in_proj_{kind}"] = torch.cat([sd[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[q + f"{b}.{kind}"] = sd[p + f"{a}.{kind}"]
-    return out
-
-
 def _original_state(m) -> dict:
     """A LatentDepth2ImageDiffusion state dict as 512-depth-ema.ckpt holds it: UNet, autoencoder, OpenCLIP
     text tower, the MiDaS `depth_model.*` weights (stand-ins here) and the schedule buffers."""
     sd = {"model.diffusion_model." + k: v for k, v in m.unet.state_dict().items()}
     sd |= {"first_stage_model." + k: v for k, v in m.vae.state_dict().items()}
-    sd |= {"cond_stage_model.model." + k: v for k, v in _to_openclip(m.text_encoder.state_dict()).items()}
+    sd |= {"cond_stage_model.model." + k: v for k, v in hf_to_openclip(m.text_encoder.state_dict(), logit_scale=True).items()}
     g = torch.Generator().manual_seed(0)
     sd |= {"depth_model.model.pretrained.model.cls_token": torch.randn(1, 1, 8, generator=g),
            "depth_model.model.scratch.output_conv.0.weight": torch.randn(4, 8, 3, 3, generator=g),

@@ -3,7 +3,7 @@ hidden state, and SD2's penultimate layer + final LayerNorm from an OpenCLIP-lay
 import pytest
 import torch
 
-from conftest import hf_text_encoder
+from conftest import hf_text_encoder, hf_to_openclip
 from ldm_engine.loading.detect import detect_text_encoder
 from ldm_engine.loading.keymaps import openclip_text_to_reference
 from ldm_engine.loading.modules import load_strict
@@ -14,23 +14,6 @@ TOL = 1e-4
 
 def ids(batch=2, length=77, seed=0):
     return torch.randint(0, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_to_openclip(sd):
-    """Write a transformers CLIP text state dict in OpenCLIP's layout (fused in_proj, ln_1, c_fc, ...)."""
-    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           "positional_embedding": sd["embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
-           "text_projection": torch.zeros(32, 32)}
-    n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-    for i in range(n):
-        p, q = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[q + f"attn.in_proj_{kind}"] = torch.cat([sd[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[q + f"{b}.{kind}"] = sd[p + f"{a}.{kind}"]
-    return out
 
 
 def _config(sd, openclip):

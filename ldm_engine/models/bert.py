@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import BERTConfig
+from .text_encoder import checked_call
 
 
 class AbsolutePositions(nn.Module):
@@ -102,12 +103,8 @@ class BERTEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
         """`output_layer` (negative, None: the config's): whose output feeds the final LayerNorm."""
-        if ids.ndim != 2 or ids.shape[1] > self.config.max_length:
-            raise ValueError(f"token ids must be (B, L<={self.config.max_length}), got shape {tuple(ids.shape)}")
         n = self.config.layers
-        output_layer = self.config.output_layer if output_layer is None else output_layer
-        if not -n <= output_layer <= -1:
-            raise ValueError(f"output_layer must be in [-{n}, -1], got {output_layer}")
+        output_layer = checked_call(self.config, ids, output_layer, n)
         x = self.token_emb(ids) + self.pos_emb(ids.shape[1])
         for block in self.attn_layers.layers[: 2 * (n + 1 + output_layer)]:  # two entries per layer
             x = block(x)

@@ -69,6 +69,17 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
 
+def checked_call(config, ids: torch.Tensor, output_layer: int | None, layers: int) -> int:
+    """A text encoder's call checked: ids (B, L <= max_length); the output layer (negative, None: the
+    config's) within its `layers` layers. Returns that layer."""
+    if ids.ndim != 2 or ids.shape[1] > config.max_length:
+        raise ValueError(f"token ids must be (B, L<={config.max_length}), got shape {tuple(ids.shape)}")
+    output_layer = config.output_layer if output_layer is None else output_layer
+    if not -layers <= output_layer <= -1:
+        raise ValueError(f"output_layer must be in [-{layers}, -1], got {output_layer}")
+    return output_layer
+
+
 class CLIPTextEncoder(nn.Module):
     """ids (B, L) -> context (B, L, width): the chosen layer's output after the final LayerNorm."""
 
@@ -81,12 +92,8 @@ class CLIPTextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, output_layer: int | None = None) -> torch.Tensor:
         """`output_layer` (negative, None: the config's): whose output feeds the final LayerNorm."""
-        if ids.ndim != 2 or ids.shape[1] > self.config.max_length:
-            raise ValueError(f"token ids must be (B, L<={self.config.max_length}), got shape {tuple(ids.shape)}")
         n = len(self.encoder.layers)
-        output_layer = self.config.output_layer if output_layer is None else output_layer
-        if not -n <= output_layer <= -1:
-            raise ValueError(f"output_layer must be in [-{n}, -1], got {output_layer}")
+        output_layer = checked_call(self.config, ids, output_layer, n)
         x = self.embeddings(ids)
         # output_layer -1 runs every layer; -2 (SD2) stops one before the last.
         for layer in self.encoder.layers[: n + 1 + output_layer]:
