@@ -98,7 +98,7 @@ def main() -> None:
         return
     print(f"CPU: {out['cpu']}; {out['requests']} txt2img requests of one {out['size']}x{out['size']} image, "
           f"{out['steps']} DDIM steps, embedded model, 1 replica, max_batch_size {args.max_batch_size}")
-    print(f"| run | seconds | images/s |\n|---|---|---|")
+    print("| run | seconds | images/s |\n|---|---|---|")
     print(f"| one at a time | {out['sequential_s']:.1f} | {out['sequential_ips']:.2f} |")
     print(f"| {out['requests']} at once (mean batch {out['mean_batch']:.1f} images) | {out['concurrent_s']:.1f} | "
           f"{out['concurrent_ips']:.2f} |")

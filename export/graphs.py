@@ -10,7 +10,8 @@ Components (those a model has):
     vae_decoder   latent (B, z, h, w)                          -> image (B, 3, H, W) in [-1, 1]
     vae_encoder   image (B, 3, H, W)                           -> moments (B, 2z, h, w) (KL) | latent (B, z, h, w) (VQ)
 With ControlNets (export/control_graphs.py): `controlnet` (one per loaded ControlNet) and
-`unet_control` (the UNet taking the ControlNet residuals as inputs).
+`unet_control` (the UNet taking the ControlNet residuals as inputs); `unet_control_fused` (the UNet and
+one ControlNet in one graph) is exported for measurement only.
 
 The UNet is exported for the classifier-free-guidance batch: B is 2 x images per call when guided
 (images per call for LCM-distilled UNets, whose guidance is the timestep_cond embedding).
@@ -25,6 +26,7 @@ from torch import nn
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 CONTROL_COMPONENTS = ("unet_control", "controlnet")  # graphs that exist once a ControlNet is loaded
+FUSED_CONTROL = "unet_control_fused"  # UNet + one ControlNet in one graph: measured, not run by the backends
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -161,14 +163,14 @@ def graph_spec(model, component: str, shape: Shape | None = None, output_layer: 
     a Shape: everything static at that shape (the UNet at 2 x batch, the CFG batch). `output_layer`:
     the text encoder's last layer when not its own (clip skip). `controlnet`: the ControlNet module of
     the `controlnet` component."""
-    if component in CONTROL_COMPONENTS:
-        from .control_graphs import controlnet_spec, unet_control_spec
+    if component in CONTROL_COMPONENTS or component == FUSED_CONTROL:
+        from .control_graphs import controlnet_spec, fused_control_spec, unet_control_spec
 
         if component == "unet_control":
             return unet_control_spec(model, shape)
         if controlnet is None:
-            raise ValueError("the controlnet graph is made from a ControlNet: pass controlnet=")
-        return controlnet_spec(model, controlnet, shape)
+            raise ValueError(f"the {component} graph is made from a ControlNet: pass controlnet=")
+        return (controlnet_spec if component == "controlnet" else fused_control_spec)(model, controlnet, shape)
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
     cfg = model.config

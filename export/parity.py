@@ -18,13 +18,15 @@ def probe_shape(model, shape: Shape | None) -> Shape:
     return Shape(8 * f, 12 * f, 2)
 
 
-def onnx_parity(model, component: str, path: str | Path, shape: Shape | None = None, seed: int = 0) -> float:
-    """Max abs difference between ONNX Runtime (CPU) running `path` and the torch module, fp32 inputs."""
+def onnx_parity(model, component: str, path: str | Path, shape: Shape | None = None, seed: int = 0,
+                controlnet=None) -> float:
+    """Max abs difference between ONNX Runtime (CPU) running `path` and the torch module, fp32 inputs, over
+    every output (a ControlNet graph's residuals: `controlnet` is its module)."""
     import onnxruntime as ort
 
     probe = probe_shape(model, shape)
     latent_size(model, probe)
-    spec = graph_spec(model, component, probe)
+    spec = graph_spec(model, component, probe, controlnet=controlnet)
     g = torch.Generator().manual_seed(seed)
     inputs = []
     for name, x in zip(spec.inputs, spec.example):
@@ -41,7 +43,8 @@ def onnx_parity(model, component: str, path: str | Path, shape: Shape | None = N
     module = spec.module
     dtype = next(module.parameters()).dtype
     with torch.no_grad():
-        ref = module(*[x.to(dtype) if x.is_floating_point() else x for x in inputs]).float().numpy()
+        ref = module(*[x.to(dtype) if x.is_floating_point() else x for x in inputs])
+    refs = [r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
     from ..backends.onnxruntime_backend import session_options
 
     so = session_options()
@@ -53,7 +56,9 @@ def onnx_parity(model, component: str, path: str | Path, shape: Shape | None = N
         if arg.type == "tensor(float16)":
             a = a.astype(np.float16)
         feeds[arg.name] = a
-    out = session.run(None, feeds)[0].astype(np.float32)
-    if out.shape != ref.shape:
-        raise AssertionError(f"{component}: ONNX output shape {out.shape} differs from torch {ref.shape}")
-    return float(np.abs(out - ref).max())
+    err = 0.0
+    for out, ref in zip(session.run(None, feeds), refs):
+        if out.shape != ref.shape:
+            raise AssertionError(f"{component}: ONNX output shape {out.shape} differs from torch {ref.shape}")
+        err = max(err, float(np.abs(out.astype(np.float32) - ref).max()))
+    return err

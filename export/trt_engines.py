@@ -6,6 +6,11 @@ the classifier-free-guidance batch, 2 x images), the precision plan per TensorRT
 side file (TensorRT version, GPU, shapes, source hash) and its check at load time. `build_engine`
 is the thin part that needs tensorrt and a CUDA device.
 
+ControlNets (export/control_graphs.py) have two engines: `unet_control` (the UNet taking the residuals) and
+one `controlnet_<name>` per ControlNet, whose side file also records the ControlNet's name and weights
+hash (`check_control_engine` refuses another ControlNet under that name). Their profiles cover the CFG
+batch (2 x images) and, for the ControlNet, guess mode's conditional half (1 x images) as the minimum.
+
 Precision: TensorRT 11 networks are strongly typed, so an fp16/bf16 engine comes from a graph exported
 in that dtype (`export_onnx.py --dtype fp16`); TensorRT 10 can still lower an fp32 graph with a
 builder flag.
@@ -149,10 +154,11 @@ def side_file(engine: Path) -> Path:
 
 
 def engine_record(info: GraphInfo, profile: dict, precision: str, trt_version: str, gpu: str,
-                  refit: bool) -> dict:
+                  refit: bool, extra: dict | None = None) -> dict:
+    """The side file's contents; `extra`: more to record ({"controlnet": {name, weights_hash}})."""
     return {"component": info.component, "tensorrt": trt_version, "gpu": gpu, "precision": precision,
             "source_hash": info.source_hash, "refit": refit,
-            "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()}}
+            "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()}, **(extra or {})}
 
 
 def write_record(engine: Path, record: dict) -> None:
@@ -182,6 +188,30 @@ def check_record(engine: Path, trt_version: str, gpu: str, source_hash: str | No
     return record
 
 
+def check_control_engine(engine_dir: Path, name: str | None, weights: str) -> Path:
+    """The engine of the ControlNet the pipeline named `name` (weights hash `weights`) in a folder written
+    by build_trt.py --controlnet; EngineError naming the fix when the folder has none (or no unet_control
+    engine), or holds another ControlNet's engine under that name."""
+    engine_dir = Path(engine_dir)
+    fix = f"python export/build_trt.py --onnx DIR --out {engine_dir} --controlnet FILE (DIR from export_onnx.py " \
+          "--controlnet FILE)"
+    if not (engine_dir / f"unet_control{ENGINE_SUFFIX}").is_file():
+        raise EngineError(f"engine_dir {engine_dir} has no unet_control{ENGINE_SUFFIX} (the UNet taking ControlNet "
+                          f"residuals); build it with {fix}")
+    engine = engine_dir / f"controlnet_{name}{ENGINE_SUFFIX}"
+    try:
+        record = json.loads(side_file(engine).read_text()) if engine.is_file() else None
+    except (OSError, ValueError):
+        record = None
+    if record is None or "controlnet" not in record:
+        raise EngineError(f"engine_dir {engine_dir} has no engine for ControlNet {name!r} ({engine.name} with its "
+                          f"side file); build it with {fix}, giving the files in the order the pipeline loads them")
+    if record["controlnet"].get("weights_hash") != weights:
+        raise EngineError(f"ControlNet {name!r} has other weights ({weights}) than the engine {engine} was built "
+                          f"for ({record['controlnet'].get('weights_hash')}); build this one with {fix}")
+    return engine
+
+
 def fits_profile(record: dict, shapes: dict[str, tuple]) -> bool:
     """Whether every input shape lies within the engine's profile."""
     for name, shape in shapes.items():
@@ -192,9 +222,11 @@ def fits_profile(record: dict, shapes: dict[str, tuple]) -> bool:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, profile: dict, precision: str, info: GraphInfo,
-                 timing_cache: Path | None = None, refit: bool = False, workspace_gb: float = 8.0) -> dict:
+                 timing_cache: Path | None = None, refit: bool = False, workspace_gb: float = 8.0,
+                 extra: dict | None = None) -> dict:
     """Build and serialize one engine (needs tensorrt and a CUDA device). Writes the engine through a
-    temporary file and its side file last; updates the timing cache. Returns the side-file record."""
+    temporary file and its side file last; updates the timing cache. Returns the side-file record
+    (with `extra` in it)."""
     import os
 
     import tensorrt as trt
@@ -236,6 +268,6 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict, precision: s
         tmp = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp, timing_cache)
-    record = engine_record(info, profile, precision, trt.__version__, torch.cuda.get_device_name(), refit)
+    record = engine_record(info, profile, precision, trt.__version__, torch.cuda.get_device_name(), refit, extra)
     write_record(engine_path, record)
     return record

@@ -1,7 +1,8 @@
 """ControlNets on the graph backends (ONNX Runtime, OpenVINO): the ControlNet graph and the UNet graph
 that takes its residuals against the torch modules (max abs <= 1e-4, fp32), whole images against the
 torch backend (PSNR >= 40 dB fp32, >= 30 dB bf16): one ControlNet, two at once, guess mode, a 2-chunk
-prompt; the artifact cache reusing a ControlNet's graph; the refusals."""
+prompt; a LoRA taken in place by the unet_control graph; the artifact cache reusing a ControlNet's graph;
+the refusals."""
 from __future__ import annotations
 
 import gc
@@ -216,13 +217,13 @@ def test_refusals(sd1, nets, tmp_path):
     pytest.importorskip("onnxruntime")
     from ldm_engine.control.manager import ControlNets
 
-    pipe = Pipeline(sd1, "onnxruntime", progress=False, onnx_dir=tmp_path)
-    with pytest.raises(ValueError, match="onnx_dir"):
+    pipe = Pipeline(sd1, "onnxruntime", progress=False, onnx_dir=tmp_path)  # a folder without ControlNet graphs
+    with pytest.raises(FileNotFoundError, match="onnx_dir .* has no unet_control.onnx.*--controlnet FILE"):
         pipe.load_controlnet(nets[0])
     assert pipe.controlnets == []
-    trt = ControlNets(sd1, SimpleNamespace(name="tensorrt"))
-    with pytest.raises(ValueError, match="tensorrt backend does not run ControlNets.*'openvino'"):
-        trt.load(nets[0])
+    other = ControlNets(sd1, SimpleNamespace(name="other"))
+    with pytest.raises(ValueError, match="other backend does not run ControlNets.*'openvino' or 'tensorrt'"):
+        other.load(nets[0])
 
 
 def test_tensorrt_profiles_for_the_controlnet_graphs(sd1, nets, tmp_path):
@@ -233,7 +234,7 @@ def test_tensorrt_profiles_for_the_controlnet_graphs(sd1, nets, tmp_path):
     from ldm_engine.export.onnx_export import export_component
     from ldm_engine.export.trt_engines import profile_for, read_graph
 
-    assert not getattr(TensorRTBackend, "accepts_control", False)  # refused at load time (test_refusals)
+    assert TensorRTBackend.accepts_control  # tests/test_tensorrt_control.py: its engines and their checks
     net = read_controlnet(nets[0], sd1.config.unet)
     lo, opt, hi = Shape(16, 16, 1), Shape(32, 48, 2), Shape(64, 64, 4)
     cn = profile_for(read_graph(export_component(sd1, "controlnet", tmp_path / "cn.onnx", progress=False,
@@ -248,22 +249,35 @@ def test_tensorrt_profiles_for_the_controlnet_graphs(sd1, nets, tmp_path):
     assert unet["mid"] == ((2, 64, 4, 4), (4, 64, 8, 12), (8, 64, 16, 16))
 
 
-def test_a_lora_reaches_the_unet_graph_with_residuals(nets, tmp_path):
-    """A LoRA merged into the UNet: the unet_control graph follows it (exported from the merged weights)
-    while the ControlNet's graph is kept; the image matches torch with the same LoRA and ControlNet."""
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lora_reaches_the_unet_graph_with_residuals(nets, tmp_path, backend, monkeypatch):
+    """A LoRA merged into the UNet: the unet_control graph keeps the graph of the original weights and takes
+    the changed tensors in place (exported once across load / unload), the ControlNet's graph is kept; the
+    image matches torch with the same LoRA and ControlNet, and the plain one again after the unload."""
+    _needs(backend)
     from test_lora_backends import lora_file
 
+    from ldm_engine.export import artifacts
     from ldm_engine.loading import random_model
 
+    calls = []
+    real = artifacts.export_component
+    monkeypatch.setattr(artifacts, "export_component", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
     lora = lora_file(tmp_path / "style.safetensors")
     kw = dict(control_image=_hint(1), height=16, width=16)
     ref = _pipe(Pipeline(random_model("tiny-sd1", seed=11)), nets[0])
+    plain = _images(ref, **kw)
     ref.load_lora(lora, 0.9)
-    pipe = _pipe(Pipeline(random_model("tiny-sd1", seed=11), "onnxruntime", progress=False), nets[0])
+    pipe = _pipe(Pipeline(random_model("tiny-sd1", seed=11), backend, dtype=torch.float32, progress=False,
+                          cache_dir=tmp_path / "cache"), nets[0])
     before = _images(pipe, **kw)
     pipe.load_lora(lora, 0.9)
     expected, out = _images(ref, **kw), _images(pipe, **kw)
+    pipe.unload_loras()
+    again = _images(pipe, **kw)
     db = psnr(expected, out)
-    print(f"LoRA + ControlNet, onnxruntime: {db:.1f} dB against torch (before the LoRA {psnr(expected, before):.1f} dB)")
-    assert db >= 40 and psnr(expected, before) < 40
+    print(f"LoRA + ControlNet, {backend}: {db:.1f} dB against torch (before the LoRA {psnr(expected, before):.1f} dB, "
+          f"after the unload {psnr(plain, again):.1f} dB against plain torch)")
+    assert db >= 40 and psnr(expected, before) < 40 and psnr(plain, again) >= 40
+    assert calls.count("unet_control") == 1 and calls.count("controlnet") == 1, calls
+    assert "unet" not in calls  # every step had control: the plain UNet graph was never needed

@@ -131,13 +131,13 @@ def test_triton_kernels_are_swapped_in_like_the_unet(sd1_folder, setup):
 
 
 def test_backend_without_control_is_refused(setup):
-    """A backend whose denoise takes no residuals (TensorRT) refuses at load time."""
+    """A backend whose denoise takes no residuals refuses at load time."""
     from types import SimpleNamespace
 
     from ldm_engine.control.manager import ControlNets
 
     pipe, root = setup
-    nets = ControlNets(pipe.model, SimpleNamespace(name="tensorrt"))
-    with pytest.raises(ValueError, match="tensorrt backend does not run ControlNets yet"):
+    nets = ControlNets(pipe.model, SimpleNamespace(name="other"))
+    with pytest.raises(ValueError, match="other backend does not run ControlNets; use backend='torch'"):
         nets.load(root / "sd1")
     assert nets.loaded == []

@@ -1,4 +1,4 @@
-"""The UNet graph of the model's own weights, reused after a LoRA changes some of them.
+"""The UNet graphs of the model's own weights, reused after a LoRA changes some of them.
 
 A LoRA merged into the UNet changes a few hundred tensors; exporting SD-1.5's UNet again takes about a
 minute. Instead, the graph backends keep the graph exported from the *original* weights (the artifact
@@ -8,6 +8,8 @@ leaves no replacements: the original graph runs as it is.
 
 `original_weights(component) -> {parameter name: original tensor}` names what changed since the load
 (the Pipeline wires it to its LoRA manager, which keeps those originals to restore them bit-exactly).
+Both UNet graphs take this path: `unet` and `unet_control` (the UNet taking ControlNet residuals), whose
+initializers are the same UNet parameters (matched by content, so graph names never matter).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-IN_PLACE = ("unet",)  # the text encoder re-exports in seconds, and textual inversion resizes its table
+IN_PLACE = ("unet", "unet_control")  # the text encoder re-exports in seconds, and textual inversion resizes its table
+WEIGHTS_OF = {"unet_control": "unet"}  # graph component -> the model component whose parameters it holds
 
 
 @contextlib.contextmanager
@@ -51,10 +54,13 @@ class BaseGraphs:
     def applies(self, component: str) -> bool:
         return component in IN_PLACE and self.original_weights is not None and component not in self._refused
 
+    def _originals(self, component: str) -> dict[str, torch.Tensor]:
+        return self.original_weights(WEIGHTS_OF.get(component, component))
+
     def path(self, component: str, module: torch.nn.Module, export: Callable[[], Path]) -> Path:
         """The graph of `module`'s original weights (exported with the originals swapped in, once)."""
         if component not in self._paths:
-            with swapped_in(module, self.original_weights(component)):
+            with swapped_in(module, self._originals(component)):
                 self._paths[component] = export()
         return self._paths[component]
 
@@ -65,7 +71,7 @@ class BaseGraphs:
         from ..adapters.keymap import resolve_parameter
         from ..export import weight_overrides as wo
 
-        changed = self.original_weights(component)
+        changed = self._originals(component)
         if not changed:
             return {}
         path = self._paths[component]

@@ -7,7 +7,8 @@ Graphs come from `onnx_dir` (a folder written by `python export/export_onnx.py`,
 
 ControlNets run as two graphs (export/control_graphs.py): each ControlNet's own graph makes the
 residuals (`controlnet`), and `denoise` with extra["control"] runs the UNet graph that takes them as
-inputs (`unet_control`); both come from the artifact cache.
+inputs (`unet_control`); both come from the artifact cache, or from onnx_dir when export_onnx.py wrote
+them there (`--controlnet FILE`: found by the pipeline's name for the ControlNet, checked by its weights).
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class GraphBackend(ABC):
         self.base_graphs = BaseGraphs()  # the UNet graph of the original weights, reused after a LoRA
         self._control_keys: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # ControlNet -> graph key
         self._control_nets: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # graph key -> ControlNet
+        self._dir_graphs: dict[str, Path] = {}  # graph key -> its ControlNet's graph in onnx_dir
         if self.onnx_dir is None:
             from ..export.cache import ArtifactCache
 
@@ -97,9 +99,8 @@ class GraphBackend(ABC):
         return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress, output_layer=output_layer)
 
     def _control_graph_path(self, key: str) -> Path:
-        if self.onnx_dir is not None:
-            raise ValueError(f"ControlNets need graphs made for them, and onnx_dir {self.onnx_dir} holds the model's "
-                             "own ones only; leave onnx_dir unset (graphs then come from the artifact cache)")
+        if self.onnx_dir is not None:  # prepare_controlnet found and checked them
+            return self.onnx_dir / "unet_control.onnx" if key == "unet_control" else self._dir_graphs[key]
         from ..export.artifacts import controlnet_artifact, onnx_artifact
 
         if key == "unet_control":
@@ -159,13 +160,17 @@ class GraphBackend(ABC):
 
     # ---- ControlNets -----------------------------------------------------------------------------
 
-    def prepare_controlnet(self, net: torch.nn.Module) -> None:
+    def prepare_controlnet(self, net: torch.nn.Module, name: str | None = None) -> None:
         """Check that this backend can run ControlNet `net` and keep it where its graph is exported from
-        (float32 on the CPU: the graphs are exported in fp32 and the runtime picks its own precision)."""
-        if self.onnx_dir is not None:
-            raise ValueError(f"ControlNets need graphs made for them, and onnx_dir {self.onnx_dir} holds the model's "
-                             "own ones only; leave onnx_dir unset (graphs then come from the artifact cache)")
+        (float32 on the CPU: the graphs are exported in fp32 and the runtime picks its own precision).
+        With onnx_dir, its graph is the one export_onnx.py wrote there for `name` (the pipeline's name for
+        it), refused when that graph was made from other weights."""
         net.to("cpu", torch.float32)
+        if self.onnx_dir is not None:
+            from ..export.control_graphs import controlnet_weights_hash, find_control_graph
+
+            path = find_control_graph(self.onnx_dir, name, controlnet_weights_hash(net))
+            self._dir_graphs[self._control_key(net)] = path
 
     def _control_key(self, net: torch.nn.Module) -> str:
         """The graph key of a ControlNet: `controlnet#` + its weights hash (one graph per distinct net)."""
@@ -204,21 +209,12 @@ class GraphBackend(ABC):
 
     def _residual_feeds(self, control, z: torch.Tensor) -> dict[str, np.ndarray]:
         """The unet_control graph's residual inputs; (B, C, 1, 1) ones (global pooling) broadcast to size."""
-        from ..export.control_graphs import residual_layout
+        from ..export.control_graphs import matched_residuals
 
-        layout = residual_layout(self.model.config.unet)
-        if len(control) != len(layout):
-            raise ValueError(f"control needs {len(layout)} residuals (one per input block and the middle one), "
-                             f"got {len(control)}")
-        b, _, h, w = z.shape
         feeds = {}
-        for (name, ch, ds), r in zip(layout, control):
-            a, want = _np(r, np.float32), (b, ch, h // ds, w // ds)
-            if a.shape != want:
-                if a.shape[:2] != want[:2] or a.shape[2:] != (1, 1):
-                    raise ValueError(f"ControlNet residual {name} has shape {a.shape}, the UNet needs {want}")
-                a = np.ascontiguousarray(np.broadcast_to(a, want))
-            feeds[name] = a
+        for name, r, want in matched_residuals(self.model.config.unet, control, z.shape):
+            a = _np(r, np.float32)
+            feeds[name] = a if a.shape == want else np.ascontiguousarray(np.broadcast_to(a, want))
         return feeds
 
     # ---- the backend interface -------------------------------------------------------------------

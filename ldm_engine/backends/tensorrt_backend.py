@@ -3,9 +3,14 @@
 Engines come from `engine_dir` (built by `python export/build_trt.py`) or, without one, are built on
 first use into the artifact cache (ONNX export, then a dynamic profile around the model's native
 size). Every engine's side file is checked against this TensorRT and GPU before it is used.
+
+ControlNets run as two engines, as on the ONNX-graph backends: each ControlNet's own (`controlnet`, the
+residuals at scale 1) and the UNet taking them (`unet_control`); engine_dir holds them as
+controlnet_<name>.plan (the pipeline's name for the ControlNet, its weights checked) and unet_control.plan.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -39,6 +44,20 @@ def default_profile(model):
     return Shape(8 * f, 8 * f, 1), Shape(native, native, 1), Shape(top, top, 4)
 
 
+def engine_cache_key(graph_key: str, trt_version: str, gpu: str, precision: str, refit: bool) -> str:
+    """The artifact cache key of an engine built on first use: its ONNX graph's key (component, weights hash:
+    the UNet's, or a ControlNet's own, shape profile, dtype, exporter) + TensorRT version, GPU and precision."""
+    from ..export.artifacts import safe_part
+
+    return f"{graph_key}-trt{trt_version}-{safe_part(gpu)}-{precision}" + ("-refit" if refit else "")
+
+
+def weights_of(key: str) -> str | None:
+    """The model component whose weights an engine carries (None for a ControlNet's own engine)."""
+    component = split_graph_key(key)[0]
+    return "unet" if component == "unet_control" else None if component.startswith("controlnet#") else component
+
+
 def engine_dir_path(engine_dir: Path, key: str, suffix: str) -> Path:
     """The engine file for a graph key in a folder written by build_trt.py, which holds each
     component's engine for the model's own text encoder layer only."""
@@ -65,6 +84,10 @@ class _Engine:
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
 
     def run(self, feeds: dict[str, torch.Tensor], stream) -> torch.Tensor:
+        return self.run_all(feeds, stream)[self.outputs[0]]
+
+    def run_all(self, feeds: dict[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
+        """Every output by name (a ControlNet engine has one per residual)."""
         from ..export.trt_engines import fits_profile
 
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
@@ -74,18 +97,20 @@ class _Engine:
         for name in self.inputs:
             self.context.set_input_shape(name, shapes[name])
             self.context.set_tensor_address(name, feeds[name].data_ptr())
-        out_name = self.outputs[0]
-        out = torch.empty(tuple(self.context.get_tensor_shape(out_name)), dtype=self.dtypes[out_name],
-                          device=feeds[self.inputs[0]].device)
-        self.context.set_tensor_address(out_name, out.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            outs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
+                                     device=feeds[self.inputs[0]].device)
+            self.context.set_tensor_address(name, outs[name].data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.record['component']}")
-        return out
+        return outs
 
 
 class TensorRTBackend:
     name = "tensorrt"
     graph_capturable = True  # enqueues on the current stream: the pipeline's CUDA graph can record it
+    accepts_control = True  # controlnet() runs a ControlNet's engine; denoise takes its residuals
 
     def __init__(self, model, device="cuda", dtype: torch.dtype | None = None, engine_dir=None,
                  cuda_graph: bool = True, cache_dir=None, refit: bool = False):
@@ -111,6 +136,8 @@ class TensorRTBackend:
         self.refit = refit
         self._graph_of: dict[str, Path] = {}  # graph key -> the ONNX graph its engine's weights come from
         self._changed: set[str] = set()  # components whose weights differ from engine_dir's engines
+        self._control_nets: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # graph key -> ControlNet
+        self._control_files: dict[str, Path] = {}  # graph key -> its engine in engine_dir
 
     # ---- engines ---------------------------------------------------------------------------------
 
@@ -119,12 +146,14 @@ class TensorRTBackend:
         from ..export.trt_engines import ENGINE_SUFFIX
 
         if self.engine_dir is not None:
+            if key.startswith("controlnet#"):
+                return self._control_files[key]  # found and checked by prepare_controlnet
             return engine_dir_path(self.engine_dir, key, ENGINE_SUFFIX)
         return self._build_cached(key)
 
     def _build_cached(self, graph: str) -> Path:
         """Export the graph and build its engine into the artifact cache (first use only)."""
-        from ..export.artifacts import onnx_artifact, onnx_key, safe_part
+        from ..export.artifacts import controlnet_artifact, controlnet_key, onnx_artifact, onnx_key
         from ..export.cache import ArtifactCache
         from ..export.trt_engines import ENGINE_SUFFIX, build_engine, profile_for, read_graph
 
@@ -132,11 +161,17 @@ class TensorRTBackend:
         cache = ArtifactCache(self.cache_dir)
         major = int(self.trt.__version__.split(".")[0])
         graph_dtype = self.precision if major >= 11 else "fp32"  # strongly typed: precision lives in the graph
-        onnx_path = onnx_artifact(self.model, component, graph_dtype, None, cache, output_layer=layer)
+        if component.startswith("controlnet#"):  # keyed by the ControlNet's own weights
+            net = self._control_nets[component]
+            onnx_path = controlnet_artifact(self.model, net, graph_dtype, None, cache)
+            graph_key_ = controlnet_key(self.model, net, graph_dtype, None)
+            component = "controlnet"
+        else:
+            onnx_path = onnx_artifact(self.model, component, graph_dtype, None, cache, output_layer=layer)
+            graph_key_ = onnx_key(self.model, component, graph_dtype, None, layer)
         info = read_graph(onnx_path)
         profile = profile_for(info, *default_profile(self.model))
-        key = f"{onnx_key(self.model, component, graph_dtype, None, layer)}-trt{self.trt.__version__}-" \
-              f"{safe_part(self.gpu)}-{self.precision}" + ("-refit" if self.refit else "")
+        key = engine_cache_key(graph_key_, self.trt.__version__, self.gpu, self.precision, self.refit)
         self._graph_of[graph] = onnx_path
 
         def build(folder: Path) -> dict:
@@ -152,7 +187,7 @@ class TensorRTBackend:
             path = self._engine_path(component)
             record = check_record(path, self.trt.__version__, self.gpu)
             self._engines[component] = _Engine(self.trt, path, record, self.logger)
-            if self.engine_dir is not None and split_graph_key(component)[0] in self._changed:
+            if self.engine_dir is not None and weights_of(component) in self._changed:
                 self._refit(component, self._engines[component])  # the folder's engine has the old weights
         return self._engines[component]
 
@@ -190,6 +225,39 @@ class TensorRTBackend:
         feeds = {k: v.to(self.device, eng.dtypes[k]).contiguous() for k, v in feeds.items()}
         return eng.run(feeds, torch.cuda.current_stream(self.device)).float()
 
+    # ---- ControlNets -----------------------------------------------------------------------------
+
+    def prepare_controlnet(self, net: torch.nn.Module, name: str | None = None) -> None:
+        """Keep ControlNet `net` where its graph is exported from (float32 on the CPU, as the UNet); with
+        engine_dir, its engine is the one build_trt.py --controlnet made there for `name` (the pipeline's
+        name for it), refused when built for other weights."""
+        from ..export.control_graphs import controlnet_weights_hash
+        from ..export.trt_engines import check_control_engine
+
+        net.to("cpu", torch.float32)
+        weights = controlnet_weights_hash(net)
+        path = check_control_engine(self.engine_dir, name, weights) if self.engine_dir is not None else None
+        key = f"controlnet#{weights}"
+        self._control_nets[key] = net
+        if path is not None:
+            self._control_files[key] = path
+
+    @torch.no_grad()
+    def controlnet(self, net: torch.nn.Module, x: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor,
+                   extra: dict | None = None) -> list[torch.Tensor]:
+        """ControlNet `net`'s residuals at scale 1 (one per UNet input block, then the middle block's), run by
+        its engine: the CFG batch, or the conditional half alone in guess mode."""
+        from ..export.control_graphs import controlnet_weights_hash, residual_layout
+
+        extra = extra or {}
+        key = f"controlnet#{controlnet_weights_hash(net)}"
+        self._control_nets.setdefault(key, net)
+        feeds = control_feeds(net.control_config.unet, x, t, context, hint, extra, self.device)
+        eng = self.engine(key)
+        feeds = {k: v.to(self.device, eng.dtypes[k]).contiguous() for k, v in feeds.items()}
+        outs = eng.run_all(feeds, torch.cuda.current_stream(self.device))
+        return [outs[name].float() for name, _, _ in residual_layout(net.control_config.unet)]
+
     # ---- the backend interface -------------------------------------------------------------------
 
     def check_weights_changeable(self, components) -> None:
@@ -202,16 +270,21 @@ class TensorRTBackend:
         from ..export.trt_engines import ENGINE_SUFFIX, side_file
 
         for component in components:
-            path = side_file(self.engine_dir / f"{component}{ENGINE_SUFFIX}")
-            try:
-                refittable = bool(json.loads(path.read_text()).get("refit"))
-            except (OSError, ValueError):
-                refittable = False
-            if not refittable:
-                raise ValueError(f"the engines in engine_dir {self.engine_dir} are fixed (built without --refit), so "
-                                 f"the model's {component} weights cannot change (textual inversion, LoRA); rebuild "
-                                 "them with python export/build_trt.py --refit, or leave engine_dir unset: engines "
-                                 "then build into the artifact cache from the model as it is")
+            engines = [component]
+            if component == "unet" and (self.engine_dir / f"unet_control{ENGINE_SUFFIX}").is_file():
+                engines.append("unet_control")  # the UNet taking ControlNet residuals carries the same weights
+            for engine in engines:
+                try:
+                    refittable = bool(json.loads(side_file(self.engine_dir / f"{engine}{ENGINE_SUFFIX}").read_text())
+                                      .get("refit"))
+                except (OSError, ValueError):
+                    refittable = False
+                if not refittable:
+                    raise ValueError(f"the engines in engine_dir {self.engine_dir} are fixed ({engine} built without "
+                                     f"--refit), so the model's {component} weights cannot change (textual "
+                                     "inversion, LoRA); rebuild them with python export/build_trt.py --refit, or leave "
+                                     "engine_dir unset: engines then build into the artifact cache from the model as "
+                                     "it is")
 
     def reload(self, component: str) -> None:
         """Bring the engines of `component` in line with the model's current weights: refittable engines
@@ -220,10 +293,10 @@ class TensorRTBackend:
         self.check_weights_changeable([component])
         if self.engine_dir is not None:
             self._changed.add(component)
-        for key in [k for k in self._engines if split_graph_key(k)[0] == component]:
+        for key in [k for k in self._engines if weights_of(k) == component]:
             if not self._refit(key, self._engines[key]):
                 del self._engines[key]
-        if component == "unet":
+        if component == "unet":  # the UNet's captured CUDA graphs (with and without residuals)
             self._graphs.clear()
 
     @torch.no_grad()
@@ -247,15 +320,19 @@ class TensorRTBackend:
         if (dim := self.model.config.unet.time_cond_proj_dim) is not None:  # LCM-distilled: the guidance embedding
             cond = extra.get("timestep_cond")
             feeds["timestep_cond"] = torch.zeros(z.shape[0], dim, device=self.device) if cond is None else cond
+        component = "unet"
+        if extra.get("control") is not None:  # ControlNet residuals: the UNet engine that adds them
+            feeds |= residual_feeds(self.model.config.unet, extra["control"], z)
+            component = "unet_control"
         # inside the pipeline's own CUDA-graph capture (denoiser + update as one graph) run plainly
         if self.cuda_graph and not torch.cuda.is_current_stream_capturing():
-            return self._graph_step(feeds)
-        return self._run("unet", feeds)
+            return self._graph_step(feeds, component)
+        return self._run(component, feeds)
 
-    def _graph_step(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _graph_step(self, feeds: dict[str, torch.Tensor], component: str = "unet") -> torch.Tensor:
         """Replay the UNet for these shapes from a CUDA graph (captured on the first call of each shape)."""
-        eng = self.engine("unet")
-        key = tuple((k, tuple(v.shape)) for k, v in sorted(feeds.items()))
+        eng = self.engine(component)
+        key = (component,) + tuple((k, tuple(v.shape)) for k, v in sorted(feeds.items()))
         if key not in self._graphs:
             static = {k: v.to(self.device, eng.dtypes[k]).contiguous().clone() for k, v in feeds.items()}
             eng.run(static, torch.cuda.current_stream(self.device))  # warm-up: TensorRT allocates on its first run
@@ -278,3 +355,29 @@ class TensorRTBackend:
     def encode(self, image):
         out = self._run("vae_encoder", {"image": image})
         return DiagonalGaussian(out) if self.model.config.vae.kind == "kl" else Deterministic(out)
+
+
+def control_feeds(ucfg, x: torch.Tensor, t, context: torch.Tensor, hint: torch.Tensor, extra: dict,
+                  device) -> dict[str, torch.Tensor]:
+    """The controlnet engine's inputs (export/control_graphs.py) for one call; the batch is x's: the CFG
+    batch, or the conditional half in guess mode."""
+    b = x.shape[0]
+    feeds = {"sample": x, "timestep": torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(b),
+             "context": context, "hint": hint}
+    if ucfg.num_classes is not None:
+        if extra.get("class_labels") is None:
+            raise ValueError("this ControlNet takes class labels: pass extra={'class_labels': ...}")
+        feeds["class_labels"] = extra["class_labels"].long()
+    if ucfg.time_cond_proj_dim is not None:  # no bias: zeros are the module without timestep_cond
+        cond = extra.get("timestep_cond")
+        feeds["timestep_cond"] = torch.zeros(b, ucfg.time_cond_proj_dim, device=device) if cond is None else cond
+    return feeds
+
+
+def residual_feeds(ucfg, control, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unet_control engine's residual inputs (down_0 ... mid); (B, C, 1, 1) ones (a global-pooling
+    ControlNet) expanded to the size of their UNet level."""
+    from ..export.control_graphs import matched_residuals
+
+    return {name: r if tuple(r.shape) == want else r.expand(want)
+            for name, r, want in matched_residuals(ucfg, control, z.shape)}

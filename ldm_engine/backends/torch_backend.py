@@ -59,8 +59,9 @@ class TorchBackend:
                               control=None if control is None else [c.to(self.device, self.dtype) for c in control])
         return out.float()
 
-    def prepare_controlnet(self, net: torch.nn.Module) -> None:
-        """Put ControlNet `net` on this backend's device and dtype, with the UNet's kernel swap."""
+    def prepare_controlnet(self, net: torch.nn.Module, name: str | None = None) -> None:
+        """Put ControlNet `net` on this backend's device and dtype, with the UNet's kernel swap (`name`, the
+        pipeline's name for it, is for the backends that look up a graph made for it)."""
         net.to(self.device, self.dtype)
         if self.kernels == "triton":
             from ..optimize import use_triton_kernels

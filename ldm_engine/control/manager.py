@@ -34,11 +34,26 @@ class LoadedControlNet:
         """The model hash A1111's ControlNet extension shows ("name [hash]"): the first 8 hex digits of the
         sha256 of the 64 KiB at offset 1 MiB of the weights file (A1111's old short hash)."""
         if self._hash is None:
-            f = self.path if self.path.is_file() else folder_weights(self.path)
-            with f.open("rb") as fh:
-                fh.seek(0x100000)
-                self._hash = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+            self._hash = short_hash(self.path)
         return self._hash
+
+
+def short_hash(path: Path) -> str:
+    """A1111's old short hash of a ControlNet file (or a diffusers folder's weights file)."""
+    f = path if path.is_file() else folder_weights(path)
+    with f.open("rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+def controlnet_name(path, taken) -> str:
+    """The name a ControlNet loaded from `path` gets: the file stem (a diffusers folder's name), made unique
+    against the names `taken` by the ControlNets loaded before it with _2, _3, ..."""
+    stem = Path(path).stem
+    name, k = stem, 2
+    while name in taken:
+        name, k = f"{stem}_{k}", k + 1
+    return name
 
 
 def _per_net(value, n: int, what: str) -> list:
@@ -60,8 +75,8 @@ class ControlNets:
         if cfg.conditioning != "text" or cfg.task == "upscale":
             raise ValueError(f"{cfg.name} is not a text-to-image model ({cfg.task}); ControlNets apply to SD 1.x/2.x")
         if not getattr(self.backend, "accepts_control", False):
-            raise ValueError(f"the {self.backend.name} backend does not run ControlNets yet; use backend='torch', "
-                             "'onnxruntime' or 'openvino'")
+            raise ValueError(f"the {self.backend.name} backend does not run ControlNets; use backend='torch', "
+                             "'onnxruntime', 'openvino' or 'tensorrt'")
         path = Path(path)
         if not path.exists():
             raise ValueError(f"{path}: no such ControlNet file or folder")
@@ -72,11 +87,9 @@ class ControlNets:
         if net.hint_downsampling != cfg.vae.downsampling_factor:
             raise ValueError(f"{path}: this ControlNet's hint encoder shrinks the control image {net.hint_downsampling}x, "
                              f"the model's autoencoder {cfg.vae.downsampling_factor}x; use a ControlNet for this model")
-        self.backend.prepare_controlnet(net)  # its device and dtype (refused here when the backend cannot run it)
-        names = {c.name for c in self.loaded}
-        name, k = path.stem, 2
-        while name in names:
-            name, k = f"{path.stem}_{k}", k + 1
+        name = controlnet_name(path, {c.name for c in self.loaded})
+        # its device and dtype (refused here when the backend cannot run it; graph folders find it by name)
+        self.backend.prepare_controlnet(net, name)
         self.loaded.append(LoadedControlNet(name, path, net))
         return name
 
