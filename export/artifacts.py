@@ -17,9 +17,17 @@ def safe_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+_]", "_", text)
 
 
+def weights_component(component: str) -> str:
+    """The model component whose weights (and config) a graph carries: the UNet for its ControlNet and
+    step-cache variants."""
+    from .step_cache_graphs import parse_cache_component
+
+    return "unet" if component == "unet_control" or parse_cache_component(component) else component
+
+
 def component_module(model, component: str) -> torch.nn.Module:
-    modules = {"text_encoder": model.text_encoder, "unet": model.unet, "unet_control": model.unet}
-    return modules.get(component, model.vae)
+    modules = {"text_encoder": model.text_encoder, "unet": model.unet}
+    return modules.get(weights_component(component), model.vae)
 
 
 def onnx_runtime_tag() -> str:
@@ -33,8 +41,8 @@ def onnx_key(model, component: str, dtype: str = "fp32", shape: Shape | None = N
              output_layer: int | None = None) -> str:
     """`output_layer` (the text encoder's, for clip skip) enters the key through the config it changes."""
     module = component_module(model, component)
-    part_config = {"unet": model.config.unet, "unet_control": model.config.unet, "vae_decoder": model.config.vae,
-                   "vae_encoder": model.config.vae, "text_encoder": model.config.text_encoder}[component]
+    part_config = {"unet": model.config.unet, "vae_decoder": model.config.vae, "vae_encoder": model.config.vae,
+                   "text_encoder": model.config.text_encoder}[weights_component(component)]
     if output_layer is not None and component == "text_encoder":
         part_config = dataclasses.replace(part_config, output_layer=output_layer)
     return artifact_key(component, weights_hash(module, part_config), shape.tag() if shape else "dynamic", dtype,

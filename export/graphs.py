@@ -11,7 +11,8 @@ Components (those a model has):
     vae_encoder   image (B, 3, H, W)                           -> moments (B, 2z, h, w) (KL) | latent (B, z, h, w) (VQ)
 With ControlNets (export/control_graphs.py): `controlnet` (one per loaded ControlNet) and
 `unet_control` (the UNet taking the ControlNet residuals as inputs); `unet_control_fused` (the UNet and
-one ControlNet in one graph) is exported for measurement only.
+one ControlNet in one graph) is exported for measurement only. The step cache
+(export/step_cache_graphs.py) has `unet_deep_b<K>` and `unet_shallow_b<K>`.
 
 The UNet is exported for the classifier-free-guidance batch: B is 2 x images per call when guided
 (images per call for LCM-distilled UNets, whose guidance is the timestep_cond embedding).
@@ -171,6 +172,10 @@ def graph_spec(model, component: str, shape: Shape | None = None, output_layer: 
         if controlnet is None:
             raise ValueError(f"the {component} graph is made from a ControlNet: pass controlnet=")
         return (controlnet_spec if component == "controlnet" else fused_control_spec)(model, controlnet, shape)
+    from .step_cache_graphs import parse_cache_component, step_cache_spec
+
+    if parse_cache_component(component) is not None:  # the step cache's deep / shallow UNet graphs
+        return step_cache_spec(model, component, shape)
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
     cfg = model.config

@@ -175,9 +175,11 @@ def make_pipeline(model, backend: str, dtype: str, device: str, **options):
 
 def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: int, warmup: int, repeat: int,
                  device: str, gflop: float, rooflines: dict, guidance: float = 7.5, progress=print,
-                 controlnet: Path | None = None, steps_progress: StepProgress | None = None) -> tuple[dict, np.ndarray]:
+                 controlnet: Path | None = None, steps_progress: StepProgress | None = None,
+                 cache_interval: int | None = None) -> tuple[dict, np.ndarray]:
     """Time one (backend, dtype); returns its row and the last image (for parity). `controlnet`: a
-    ControlNet file whose step is timed after the plain runs (bench_control.control_row). `rooflines`
+    ControlNet file whose step is timed after the plain runs (bench_control.control_row); `cache_interval`
+    times the plain runs again with the step cache (bench_cache.cache_row). `rooflines`
     ({dtype name: GFLOP/s}) gains the backend's actual dtype if it lacks it. `steps_progress` draws a
     bar over this configuration's denoising steps."""
     pipe = make_pipeline(model, backend, dtype, device)
@@ -203,7 +205,10 @@ def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: i
     if steps_progress is not None:
         if controlnet is not None and not control:  # the plan counted ControlNet runs this backend cannot make
             steps_progress.total -= config_steps(steps, warmup, repeat)
-        steps_progress.bar(f"{backend} {dtype_name}", config_steps(steps, warmup, repeat, control))
+        cached = cache_interval is not None and hasattr(pipe.backend, "denoise_cached")
+        if cache_interval is not None and not cached:
+            steps_progress.total -= config_steps(steps, warmup, repeat)
+        steps_progress.bar(f"{backend} {dtype_name}", config_steps(steps, warmup, repeat, control, cached))
 
     def run(n_steps, **extra):
         args = [prompts] if prompts is not None else []
@@ -248,6 +253,11 @@ def bench_config(model, backend: str, dtype: str, res: int, batch: int, steps: i
            "it_per_s": 1.0 / (unet_step + per_step_overhead), "peak_mem_mb": round(mem.peak, 1),
            "unet_gflop": round(gflop, 2), "unet_gflop_per_s": achieved, "roofline_gflop_per_s": roof,
            "roofline_pct": 100.0 * achieved / roof}
+    if cache_interval is not None:
+        from .bench_cache import cache_row
+
+        row |= cache_row(pipe, run, cache_interval, steps, warmup, repeat, row["end_to_end_s"], out.images, device,
+                         progress)
     if controlnet is not None:
         from .bench_control import CONTROL_FIELDS, control_row
 
@@ -292,12 +302,16 @@ def main(argv=None) -> int:
     p.add_argument("--parity", action="store_true", help="add each configuration's PSNR against torch fp32")
     p.add_argument("--controlnet", action="store_true",
                    help="also time each step with a random ControlNet of the architecture")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="also time each configuration with the DeepCache step cache (the whole UNet every N-th step)")
     p.add_argument("--json", type=Path, help="write the list of rows here")
     a = p.parse_args(argv)
     a.steps = (QUICK_STEPS if a.quick else 50) if a.steps is None else a.steps
     a.res = (QUICK_RES if a.quick else 512) if a.res is None else a.res
     if a.steps < 1 or a.repeat < 1 or a.batch < 1 or a.warmup < 0:
         p.error("--steps, --repeat and --batch must be >= 1 and --warmup >= 0")
+    if a.cache_interval is not None and a.cache_interval < 1:
+        p.error("--cache-interval must be >= 1")
 
     from .loading import CheckpointError, load_checkpoint, random_model
 
@@ -310,7 +324,8 @@ def main(argv=None) -> int:
     reference_only = a.parity and ("torch", "fp32") not in configs  # run for its image, not reported
     if reference_only:
         configs = [("torch", "fp32")] + configs
-    steps_progress = StepProgress(print_plan(configs, a.steps, a.warmup, a.repeat, a.controlnet, skipped))
+    steps_progress = StepProgress(print_plan(configs, a.steps, a.warmup, a.repeat, a.controlnet, skipped,
+                                             a.cache_interval is not None))
     arch = a.arch or "sd-1.5"
     say(f"loading {a.model}" if a.model else f"building {arch} with random weights")
     try:
@@ -334,7 +349,7 @@ def main(argv=None) -> int:
     rooflines = {"fp32": gemm_roofline(torch.float32, a.device)}  # other dtypes when a configuration runs them
     int8_rate, int8_by = int8_gemm_roofline(a.device)
     machine |= {"int8_gemm_gflops": int8_rate, "int8_gemm_by": int8_by if int8_rate else None,
-                "cache_interval": None}  # no step-feature cache is applied by ldm-bench yet
+                "cache_interval": a.cache_interval}
     say(f"GEMM roofline: fp32 {rooflines['fp32']:.0f} GFLOP/s, int8 "
         + (f"{int8_rate:.0f} GOP/s ({int8_by})" if int8_rate else f"none measured ({int8_by})"))
     gflop = unet_gflop(model.config, a.batch, a.res)
@@ -356,7 +371,7 @@ def main(argv=None) -> int:
     for backend, dtype in configs:
         try:
             row, img = bench_config(model, backend, dtype, a.res, a.batch, a.steps, a.warmup, a.repeat, a.device,
-                                    gflop, rooflines, a.guidance, say, controlnet, steps_progress)
+                                    gflop, rooflines, a.guidance, say, controlnet, steps_progress, a.cache_interval)
         except (RuntimeError, ValueError) as e:
             say(f"[{backend} {dtype}] skipped: {e}")
             continue

@@ -15,21 +15,23 @@ def say(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-def config_steps(steps: int, warmup: int, repeat: int, control: bool = False) -> int:
+def config_steps(steps: int, warmup: int, repeat: int, control: bool = False, cached: bool = False) -> int:
     """Denoising steps one configuration takes: --warmup runs of min(steps, 2), --repeat runs of `steps`,
-    and the same again with a ControlNet."""
+    and the same again with a ControlNet, and again with the step cache."""
     plain = warmup * min(steps, 2) + repeat * steps
-    return plain * (2 if control else 1)
+    return plain * (1 + control + cached)
 
 
-def print_plan(configs, steps: int, warmup: int, repeat: int, control: bool, skipped) -> int:
+def print_plan(configs, steps: int, warmup: int, repeat: int, control: bool, skipped, cached: bool = False) -> int:
     """The skipped backends with their reasons, then one line per configuration; returns the total steps."""
     for note in skipped:
         say(note)
-    each = config_steps(steps, warmup, repeat, control)
+    each = config_steps(steps, warmup, repeat, control, cached)
+    again = " and ".join(w for w, on in (("the ControlNet", control), ("the step cache", cached)) if on)
+    times = 1 + control + cached
     for backend, dtype in configs:
         say(f"plan: {backend} {dtype}: {warmup} warm-up x {min(steps, 2)} + {repeat} timed x {steps} steps"
-            f"{' (x2 with the ControlNet)' if control else ''} = {each} steps")
+            f"{f' (x{times} with {again})' if again else ''} = {each} steps")
     total = each * len(configs)
     say(f"plan: {len(configs)} configuration{'s' * (len(configs) != 1)} x {each} = {total} denoising steps")
     return total
@@ -92,7 +94,8 @@ def _duration(s: float) -> str:
 
 
 TABLE_COLUMNS = ("backend", "dtype", "unet_step_s", "it_per_s", "end_to_end_s", "vae_decode_s", "peak_mem_mb",
-                 "roofline_pct", "psnr_db", "control_cost_x", "cpu", "isa", "int8_gemm_gflops", "cache_interval")
+                 "roofline_pct", "psnr_db", "control_cost_x", "cache_end_to_end_s", "cache_speedup_x",
+                 "cache_psnr_db", "cpu", "isa", "int8_gemm_gflops", "cache_interval")
 
 
 def table(rows: list[dict]) -> str:

@@ -65,6 +65,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM's eta (default 0, deterministic; the LDM super-resolution notebook samples with 1) or "
                         "TCD's gamma (default 0.3)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="DeepCache step-feature caching: the whole UNet every N-th step, its shallow part between "
+                        "(default: off; 3 is about 2x faster on SD at a small cost in detail)")
+    p.add_argument("--cache-branch", type=int, default=0, metavar="K",
+                   help="with --cache-interval: how deep the shallow part reaches (default 0, the shallowest and "
+                        "fastest; larger keeps more detail)")
+    p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "non-uniform"],
+                   help="with --cache-interval: full steps evenly spaced (default) or denser around step 15")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's native size)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -233,7 +241,16 @@ def a1111_parameters(params: dict, args, out) -> str:
         **{k: v for k, v in params.items() if k.startswith("ControlNet ")}, "Depth map": params.get("Depth map"),
         "Label map": params.get("Label map"), "Tile": params.get("Tile"), "Eta": args.eta,
         "Layout": params.get("Layout"), "Class names": params.get("Class names"),
+        **_cache_fields(args),
         "Version": f"ldm_engine {__version__}"})
+
+
+def _cache_fields(args) -> dict:
+    """The step cache's settings for the PNG parameters (none when it was off or the run has no such option)."""
+    interval = getattr(args, "cache_interval", None)
+    if interval is None:
+        return {}
+    return {"Cache interval": interval, "Cache branch": args.cache_branch, "Cache schedule": args.cache_schedule}
 
 
 def _dtype(name: str | None):
@@ -276,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                    seed=args.seed, num_images_per_prompt=args.num, image=args.image, mask_image=args.mask,
                    strength=args.strength, class_label=args.class_label, depth_map=args.depth, label_map=args.label_map,
                    tile=args.tile or False, eta=args.eta, layout=args.layout, class_names=args.class_names,
-                   **control_kwargs)
+                   cache_interval=args.cache_interval, cache_branch=args.cache_branch,
+                   cache_schedule=args.cache_schedule, **control_kwargs)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"ldm-generate: error: {e}", file=sys.stderr)
         return 2

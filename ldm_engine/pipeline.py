@@ -19,6 +19,7 @@ from .images import to_numpy, to_pil, to_tensor
 from .loading import LoadedModel, load_checkpoint
 from .prompts.encode import PromptEncoder
 from .models.unet import guidance_embedding
+from .optimize import step_cache
 from .sampling import check_sampler, make_plan, native, run_sampler, sampler_eta
 from .sampling.noise import Generators, generators_for, randn
 from .vae_tiling import decode_tiled
@@ -170,6 +171,18 @@ class Pipeline:
         if hasattr(self.backend, "reload"):  # graph backends re-resolve their text encoder graph
             self.backend.reload("text_encoder")
 
+    def _check_cache(self, cache, control, tile_spec) -> None:
+        """Refuse the step cache where it cannot run, before any work."""
+        if control is not None:
+            raise ValueError("cache_interval with ControlNets is not supported: the ControlNet residuals feed the "
+                             "deep blocks a shallow step skips; unload the ControlNets or leave cache_interval unset")
+        if tile_spec is not None:
+            raise ValueError("cache_interval with tile= is not supported (each patch would need its own cached "
+                             "feature); use tile=False or leave cache_interval unset")
+        if not hasattr(self.backend, "denoise_cached"):
+            raise ValueError(f"the {self.backend.name} backend has no step cache; use backend='torch', "
+                             "'onnxruntime' or 'openvino', or leave cache_interval unset")
+
     def _check_args(self, height, width, steps, strength, guidance_scale, sampler, image, mask_image, depth_map=None,
                     label_map=None, masked_content="original"):
         guidance_scale = min(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else guidance_scale
@@ -247,7 +260,9 @@ class Pipeline:
                  controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
                  guess_mode: bool = False, progress_callback=None, masked_content: str = "original",
-                 depth_map=None, label_map=None, tile=False, layout=None, class_names=None) -> PipelineOutput:
+                 depth_map=None, label_map=None, tile=False, layout=None, class_names=None,
+                 cache_interval: int | None = None, cache_branch: int = 0,
+                 cache_schedule: str = "uniform") -> PipelineOutput:
         """`clip_skip` overrides the pipeline's for this call; `prompt_embeds` / `negative_prompt_embeds`
         (B, 77·k, C), e.g. from encode_prompt, stand in for prompt / negative_prompt.
         `control_image`: one image per loaded ControlNet, RGB in [0, 1] at the output size (others are
@@ -274,7 +289,11 @@ class Pipeline:
         `layout` (layout-to-image models, required): [(class, (x0, y0, x1, y1)), ...] boxes as fractions of
         the image in [0, 1], at most 30 objects, or a list of such layouts (one per image); the class is a
         number, or a name found in `class_names` (a list, or a file with one name per line; the checkpoint
-        stores none). See ldm_engine.conditioning.layout for the tokens; these models run without guidance."""
+        stores none). See ldm_engine.conditioning.layout for the tokens; these models run without guidance.
+        `cache_interval` (None: off): DeepCache step-feature caching — every cache_interval-th step runs the
+        whole UNet, the steps between only its shallow part down to `cache_branch` (0: shallowest and
+        fastest), reusing the deep feature; `cache_schedule` "uniform" or "non-uniform" (denser full steps
+        around step 15). See ldm_engine.optimize.step_cache."""
         cfg = self.config
         guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         sampler = sampler or cfg.default_sampler  # a diffusers folder's own scheduler, as diffusers runs it
@@ -295,6 +314,9 @@ class Pipeline:
         tile_spec = patches.resolve_tile(tile, cfg)  # None: convolutional sampling
         control = self.control.prepare(control_image, controlnet_conditioning_scale, control_guidance_start,
                                        control_guidance_end, guess_mode, height, width)
+        cache = step_cache.CacheSettings.checked(cache_interval, cache_branch, cache_schedule, cfg.unet)
+        if cache is not None:
+            self._check_cache(cache, control, tile_spec)
         eta = sampler_eta(sampler, eta)
         plan = make_plan(sampler, num_inference_steps, cfg.schedule)  # refuses bad step counts before any work
         if generator is None:
@@ -400,6 +422,8 @@ class Pipeline:
         # the tensors every denoiser call reads; the CUDA-graph loop swaps in copies it owns
         call_inputs = {"context": cfg_context, "concat": start.concat, **extra}
         denoise = patches.patchwise(self.backend.denoise, *tile_spec) if tile_spec else self.backend.denoise
+        if cache is not None:  # DeepCache: full or shallow UNet by step, the deep feature kept in between
+            denoise = step_cache.CachedDenoise(self.backend, cache, start.plan.timesteps)
 
         def raw_model(x_in: torch.Tensor, t, inputs: dict = call_inputs) -> torch.Tensor:
             """The UNet (with the ControlNets' residuals) on the CFG batch: [uncond; cond] outputs when guided."""
@@ -434,7 +458,7 @@ class Pipeline:
             native_model, native_guided = model, False
         else:
             native_model, native_guided = raw_model, guided
-        if (native_ok and control is None and self.backend.device.type == "cuda" and not per_image
+        if (native_ok and control is None and cache is None and self.backend.device.type == "cuda" and not per_image
                 and progress_callback is None and getattr(self.backend, "graph_capturable", False)):
             x = self._graph_loop_run(sampler, raw_model, call_inputs, start, cfg.prediction_type, guided, guidance,
                                      eta, generator)

@@ -245,3 +245,20 @@ def test_ldm_bench_controlnet_adds_the_step_with_a_controlnet(tmp_path):
         assert all(r[k] > 0 for k in CONTROL_FIELDS), r
         assert r["control_step_s"] == pytest.approx(r["controlnet_s"] + r["control_unet_step_s"], abs=2e-4)
         assert r["control_cost_x"] == pytest.approx(r["control_step_s"] / r["unet_step_s"], rel=0.15)  # both rounded to 1e-4 s
+
+
+def test_ldm_bench_cache_interval_times_the_cached_runs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ldm_engine.bench_cache import CACHE_FIELDS
+
+    out = tmp_path / "rows.json"
+    run = _bench(tmp_path, "--arch", "tiny-sd1", "--res", 16, "--steps", 4, "--backend", "torch,onnxruntime",
+                 "--dtype", "fp32", "--warmup", 1, "--cache-interval", 2, "--json", out)
+    assert run.returncode == 0, run.stderr
+    assert "plan: torch fp32: 1 warm-up x 2 + 1 timed x 4 steps (x2 with the step cache) = 12 steps" in run.stderr
+    rows = json.loads(out.read_text())
+    assert [r["backend"] for r in rows] == ["torch", "onnxruntime"]
+    for r in rows:
+        assert r["cache_interval"] == 2 and all(r[k] is not None and r[k] > 0 for k in CACHE_FIELDS), r
+        assert r["cache_speedup_x"] == pytest.approx(r["end_to_end_s"] / r["cache_end_to_end_s"], rel=0.05)
+    assert _bench(tmp_path, "--arch", "tiny-sd1", "--cache-interval", 0).returncode == 2

@@ -82,6 +82,16 @@ class GraphBackend(ABC):
         component, output_layer = split_graph_key(component)
         if component == "unet_control" or component in self._control_nets:
             return self._control_graph_path(component)
+        from ..export.step_cache_graphs import parse_cache_component
+
+        if parse_cache_component(component) is not None:  # the step cache's graphs: from the artifact cache
+            if self.onnx_dir is not None:
+                raise ValueError(f"cache_interval needs the step cache's UNet graphs, and onnx_dir {self.onnx_dir} holds "
+                                 "the model's own ones only; leave onnx_dir unset (graphs then come from the artifact "
+                                 "cache) or leave cache_interval unset")
+            from ..export.artifacts import onnx_artifact
+
+            return onnx_artifact(self.model, component, "fp32", None, self._cache, self.progress)
         if component not in self._components:
             raise ValueError(f"this model has no {component}")
         if self.onnx_dir is not None:
@@ -230,9 +240,8 @@ class GraphBackend(ABC):
         # a table lookup of (B,) labels -> (B, 1, D): no graph runtime is worth its call overhead here
         return self.model.class_embedder(labels.cpu()).float()
 
-    @torch.no_grad()
-    def denoise(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None = None) -> torch.Tensor:
-        extra = extra or {}
+    def _unet_feeds(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict) -> dict[str, np.ndarray]:
+        """The UNet graph's inputs (sample, timestep, and context / class labels / timestep_cond where it has them)."""
         b = z.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32).cpu()
         feeds = {"sample": _np(z, np.float32), "timestep": np.ascontiguousarray(np.broadcast_to(t.numpy(), (b,)))}
@@ -249,10 +258,30 @@ class GraphBackend(ABC):
             cond = extra.get("timestep_cond")
             # the projection has no bias, so a zero embedding is exactly the torch UNet without timestep_cond
             feeds["timestep_cond"] = np.zeros((b, dim), np.float32) if cond is None else _np(cond, np.float32)
+        return feeds
+
+    @torch.no_grad()
+    def denoise(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None = None) -> torch.Tensor:
+        extra = extra or {}
+        feeds = self._unet_feeds(z, t, context, extra)
         if extra.get("control") is not None:  # ControlNet residuals: the UNet graph that adds them
             feeds |= self._residual_feeds(extra["control"], z)
             return torch.from_numpy(self._run("unet_control", feeds))
         return torch.from_numpy(self._run("unet", feeds))
+
+    @torch.no_grad()
+    def denoise_cached(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None, branch: int,
+                       feature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step of the step cache (ldm_engine.optimize.step_cache): the deep graph when `feature` is None,
+        returning (output, the feature at `branch`), else the shallow graph on that feature (output, feature)."""
+        from ..export.step_cache_graphs import cache_component
+
+        feeds = self._unet_feeds(z, t, context, extra or {})
+        if feature is None:
+            out, feature = self._run_all(cache_component("deep", branch), feeds)
+            return torch.from_numpy(out), torch.from_numpy(feature)
+        feeds["cached_feature"] = _np(feature, np.float32)
+        return torch.from_numpy(self._run(cache_component("shallow", branch), feeds)), feature
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -281,7 +310,9 @@ def _forget_later(backend_ref: "weakref.ref", key: str) -> None:
 
 def _weights_of(component: str) -> str | None:
     """The model component whose weights a graph carries (None for a ControlNet's own graph)."""
-    return "unet" if component == "unet_control" else None if component.startswith("controlnet#") else component
+    from ..export.artifacts import weights_component
+
+    return None if component.startswith("controlnet#") else weights_component(component)
 
 
 def split_graph_key(key: str) -> tuple[str, int | None]:

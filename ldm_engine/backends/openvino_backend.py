@@ -160,5 +160,7 @@ class OpenVINOBackend(GraphBackend):
 
 
 def _takes_timestep(key: str) -> bool:
-    """The graphs with a sinusoidal timestep embedding: the UNet's and the ControlNets'."""
-    return key in ("unet", "unet_control") or key.startswith("controlnet#")
+    """The graphs with a sinusoidal timestep embedding: the UNet's (and its step-cache halves) and the ControlNets'."""
+    from ..export.step_cache_graphs import parse_cache_component
+
+    return key in ("unet", "unet_control") or key.startswith("controlnet#") or parse_cache_component(key) is not None

@@ -59,6 +59,25 @@ class TorchBackend:
                               control=None if control is None else [c.to(self.device, self.dtype) for c in control])
         return out.float()
 
+    @torch.no_grad()
+    def denoise_cached(self, z: torch.Tensor, t, context: torch.Tensor | None, extra: dict | None, branch: int,
+                       feature: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step of the step cache (ldm_engine.optimize.step_cache): the whole UNet when `feature` is None,
+        returning (output, the feature at `branch`), else the shallow part on that feature (output, feature)."""
+        from ..optimize.step_cache import deep_forward, shallow_forward
+
+        extra = extra or {}
+        labels, cond = extra.get("class_labels"), extra.get("timestep_cond")
+        kw = dict(class_labels=None if labels is None else labels.to(self.device),
+                  timestep_cond=None if cond is None else cond.to(self.device, self.dtype))
+        z = z.to(self.device, self.dtype)
+        context = None if context is None else context.to(self.device, self.dtype)
+        if feature is None:
+            out, feature = deep_forward(self.model.unet, z, t, context, branch, **kw)
+        else:
+            out = shallow_forward(self.model.unet, z, t, context, branch, feature, **kw)
+        return out.float(), feature
+
     def prepare_controlnet(self, net: torch.nn.Module, name: str | None = None) -> None:
         """Put ControlNet `net` on this backend's device and dtype, with the UNet's kernel swap (`name`, the
         pipeline's name for it, is for the backends that look up a graph made for it)."""

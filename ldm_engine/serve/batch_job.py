@@ -303,6 +303,8 @@ def _check_cli(args) -> None:
         if getattr(args, flag, None) is not None:
             raise BatchError(f"--{flag.replace('_', '-')} does not apply to --prompts; run the models that take it "
                              "one image at a time")
+    if getattr(args, "cache_interval", None) is not None:
+        raise BatchError("--cache-interval does not apply to --prompts; run cached generations one at a time")
     for name, value, low in (("--concurrency", args.concurrency, 1), ("--batch-size", args.batch_size, 1),
                              ("--threads", args.threads, 1)):
         if value is not None and value < low:
