@@ -165,7 +165,7 @@ def make_pipeline(model, backend: str, dtype: str, device: str, **options):
     run gets its own copy and the shared fp32 model (the source of every export) stays fp32."""
     from .pipeline import Pipeline
 
-    torch_dtype = None if dtype == "auto" else DTYPES[dtype]
+    torch_dtype = None if dtype == "auto" else "int8" if dtype == "int8" else DTYPES[dtype]
     if backend == "torch":
         torch_dtype = torch_dtype or torch.float32
         m = model if torch_dtype == torch.float32 and device == "cpu" else copy_modules(model)
@@ -279,14 +279,26 @@ def _jsonable(row: dict) -> dict:
 QUICK_RES, QUICK_STEPS = 256, 4
 
 
+BENCH_DTYPES = (*DTYPES, "int8")
+
+
+def _dtypes(text: str) -> str:
+    """--dtype: auto, or a comma list of BENCH_DTYPES."""
+    if text != "auto" and any(d not in BENCH_DTYPES for d in text.split(",")):
+        raise argparse.ArgumentTypeError(f"choose auto or a comma list of {', '.join(BENCH_DTYPES)}, got {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ldm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, help=f"denoising steps per timed run (default 50; {QUICK_STEPS} with --quick)")
     p.add_argument("--res", type=int, help=f"image height and width in pixels (default 512; {QUICK_RES} with --quick)")
     p.add_argument("--backend", default="all",
                    help="torch, onnxruntime, openvino, tensorrt, a comma list, or all: every one usable here")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: each backend in fp32 and in its reduced precision where this machine runs it natively")
+    p.add_argument("--dtype", default="auto", type=_dtypes,
+                   help="auto: each backend in fp32 and in its reduced precision where this machine runs it natively; "
+                        f"or one or more (comma-separated) of {', '.join(BENCH_DTYPES)}; int8: OpenVINO with "
+                        "NNCF-quantized graphs (the int8 extra)")
     p.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x with guidance)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, help="checkpoint file or diffusers folder")
@@ -317,7 +329,11 @@ def main(argv=None) -> int:
 
     isa = isa_flags()
     try:  # what runs is settled before anything is loaded: a backend that cannot run here fails at once
-        configs, skipped = configs_for(a.backend, a.dtype, a.device, a.quick, has_native_bf16(isa))
+        configs, skipped = [], []
+        for dtype in a.dtype.split(","):  # e.g. fp32,int8: both precisions in one run, ratios comparable
+            more, why = configs_for(a.backend, dtype, a.device, a.quick, has_native_bf16(isa))
+            configs += [c for c in more if c not in configs]
+            skipped += [w for w in why if w not in skipped]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -348,6 +364,8 @@ def main(argv=None) -> int:
         f"({isa or 'no AVX2 or newer'})")
     rooflines = {"fp32": gemm_roofline(torch.float32, a.device)}  # other dtypes when a configuration runs them
     int8_rate, int8_by = int8_gemm_roofline(a.device)
+    if int8_rate:
+        rooflines["int8"] = int8_rate  # an int8 row's roofline_pct is against the int8 GEMM
     machine |= {"int8_gemm_gflops": int8_rate, "int8_gemm_by": int8_by if int8_rate else None,
                 "cache_interval": a.cache_interval}
     say(f"GEMM roofline: fp32 {rooflines['fp32']:.0f} GFLOP/s, int8 "

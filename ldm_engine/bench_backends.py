@@ -33,6 +33,12 @@ def configs_for(backend_arg: str, dtype: str, device: str, quick: bool = False,
             raise ValueError(f"--backend {n} cannot run here: {reason}")
         skipped.append(f"{n}: skipped ({reason})")
         names.remove(n)
+    if dtype == "int8":  # NNCF-quantized graphs: the OpenVINO backend's alone
+        others = [n for n in names if n != "openvino"]
+        if backend_arg != "all" and others:
+            raise ValueError(f"--dtype int8 runs on openvino only (graphs quantized with NNCF), not on {', '.join(others)}")
+        skipped += [f"{n}: skipped (--dtype int8 runs on openvino only)" for n in others]
+        return [("openvino", "int8")] if "openvino" in names else [], skipped
     if dtype != "auto":
         return [(n, dtype) for n in names], skipped
     if quick:

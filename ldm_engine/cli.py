@@ -103,9 +103,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output PNG (numbered when --num > 1)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino", "tensorrt"],
                    help="runtime (default torch; the graph backends export on first use into the artifact cache)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "int8"],
                    help="precision (default: the backend's own: fp32 for torch and onnxruntime, bf16 for openvino "
-                        "where the CPU has it, fp16 for tensorrt)")
+                        "where the CPU has it, fp16 for tensorrt); int8: openvino with NNCF-quantized graphs")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="A1111's clip skip: 1 = the text encoder's own output layer, 2 = one layer earlier, ...")
@@ -256,7 +256,7 @@ def _cache_fields(args) -> dict:
 def _dtype(name: str | None):
     from .export.graphs import DTYPES
 
-    return DTYPES.get(name)
+    return "int8" if name == "int8" else DTYPES.get(name)
 
 
 def main(argv: list[str] | None = None) -> int:

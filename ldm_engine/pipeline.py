@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import LoraManager, restores_prompt_loras
-from .backends import make_backend
+from .backends import check_int8, make_backend
 from .control.manager import ControlNets
 from .defaults import default_model
 from . import tasks
@@ -79,12 +79,14 @@ class Pipeline:
                         **backend_options) -> "Pipeline":
         """A pipeline over anything load_checkpoint reads (single file or diffusers folder); with no path,
         the embedded default model (64x64 shapes, e.g. "a red circle on a blue background").
-        `dtype` None: the backend's own default (torch: float32; openvino: bf16 where the CPU has it).
+        `dtype` None: the backend's own default (torch: float32; openvino: bf16 where the CPU has it);
+        "int8" (openvino only): NNCF-quantized graphs (ldm_engine.optimize.int8).
         `tokenizer`: tokenizer files other than the model's own (load_checkpoint), e.g. the LDM text-to-image
         model's BERT vocab.txt.
         `backend_options` go to the backend (torch: kernels="triton" swaps in the Triton kernels;
         onnxruntime/openvino: onnx_dir, cache_dir, threads; openvino: reshape)."""
         path = default_model() if path is None else path
+        check_int8(backend, dtype)  # before loading anything
         weights_dtype = dtype if backend == "torch" and dtype is not None else torch.float32  # graphs export from fp32
         return cls(load_checkpoint(path, config=config, use_ema=use_ema, dtype=weights_dtype, tokenizer=tokenizer),
                    backend, device, dtype,

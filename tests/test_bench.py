@@ -46,6 +46,15 @@ def test_config_selection():
         configs_for("tvm", "auto", "cpu")
 
 
+def test_int8_runs_on_openvino_only(monkeypatch):
+    monkeypatch.setattr(bench_backends, "unusable_reason", lambda name, device: None)
+    configs, skipped = configs_for("all", "int8", "cpu")
+    assert configs == [("openvino", "int8")]
+    assert "torch: skipped (--dtype int8 runs on openvino only)" in skipped
+    with pytest.raises(ValueError, match="--dtype int8 runs on openvino only"):
+        configs_for("torch,openvino", "int8", "cpu")
+
+
 def test_bf16_is_left_out_where_the_cpu_emulates_it():
     configs, skipped = configs_for("torch,openvino", "auto", "cpu", native_bf16=False)
     assert configs == [("torch", "fp32"), ("openvino", "fp32")]

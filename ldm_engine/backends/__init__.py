@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import torch
+
 from .torch_backend import TorchBackend
 
 
@@ -32,10 +34,18 @@ def _tensorrt(*a, **k):
 BACKENDS = {"torch": TorchBackend, "onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}
 
 
+def check_int8(name: str, dtype) -> None:
+    """dtype="int8" is the OpenVINO backend's (NNCF-quantized graphs): a clear error anywhere else."""
+    if (dtype == "int8" or dtype is torch.int8) and name != "openvino":
+        raise ValueError(f"dtype='int8' runs on backend='openvino' (graphs quantized with NNCF), not on {name!r}; "
+                         "use backend='openvino' or a floating-point dtype")
+
+
 def make_backend(name: str, model, device="cpu", dtype=None, **options):
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    check_int8(name, dtype)
     return BACKENDS[name](model, device=device, dtype=dtype, **options)
 
 
-__all__ = ["BACKENDS", "TorchBackend", "make_backend"]
+__all__ = ["BACKENDS", "TorchBackend", "check_int8", "make_backend"]

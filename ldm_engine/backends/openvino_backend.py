@@ -11,6 +11,7 @@ import torch
 from .graph_backend import GraphBackend, physical_cores
 
 RESHAPE_MODES = ("auto", "fixed", "dynamic")
+INT8_COMPONENTS = ("unet", "text_encoder", "vae_decoder", "vae_encoder")  # the graphs dtype="int8" quantizes
 _PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
@@ -26,12 +27,17 @@ def cpu_supports_bf16(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def is_int8(dtype) -> bool:
+    """dtype="int8" (or torch.int8): the NNCF-quantized graphs (ldm_engine.optimize.int8)."""
+    return dtype == "int8" or dtype is torch.int8
+
+
 def inference_precision(dtype: torch.dtype | None, bf16_ok: bool) -> str:
     """dtype None: bf16 where the CPU supports it, else f32; an explicit dtype is honoured or refused."""
     if dtype is None:
         return "bf16" if bf16_ok else "f32"
     if dtype not in _PRECISIONS:
-        raise ValueError(f"backend='openvino' runs float32, bfloat16 or float16, got dtype={dtype}")
+        raise ValueError(f"backend='openvino' runs float32, bfloat16, float16 or 'int8', got dtype={dtype}")
     if dtype == torch.bfloat16 and not bf16_ok:
         raise ValueError("this CPU has no bf16 instructions (AVX512_BF16 or AMX): use dtype=torch.float32")
     return _PRECISIONS[dtype]
@@ -40,7 +46,10 @@ def inference_precision(dtype: torch.dtype | None, bf16_ok: bool) -> str:
 class OpenVINOBackend(GraphBackend):
     """`reshape`: 'auto' compiles a static graph per input shape (kept for the last few shapes);
     'fixed' compiles for the first shape and refuses others with an error; 'dynamic' compiles once
-    with dynamic shapes (slower per call, no recompiles)."""
+    with dynamic shapes (slower per call, no recompiles).
+    dtype="int8": the UNet quantized W8A8 and the text encoder and VAE weight-compressed with NNCF
+    (ldm_engine.optimize.int8), made once into the artifact cache; what stays floating point runs in
+    bf16 where the CPU has it, else f32."""
 
     name = "openvino"
     KEEP_SHAPES = 4  # compiled shapes kept per component
@@ -56,8 +65,15 @@ class OpenVINOBackend(GraphBackend):
         ov = _ov()
         self.ov = ov
         self.core = ov.Core()
-        self.precision = inference_precision(dtype, cpu_supports_bf16(self.core))
-        self.dtype = {v: k for k, v in _PRECISIONS.items()}[self.precision]
+        self.int8 = is_int8(dtype)
+        if self.int8:
+            if self.onnx_dir is not None:
+                raise ValueError("dtype='int8' quantizes the graphs of the artifact cache; leave onnx_dir unset")
+            from ..optimize.int8 import require_nncf
+
+            require_nncf()
+        self.precision = inference_precision(None if self.int8 else dtype, cpu_supports_bf16(self.core))
+        self.dtype = torch.int8 if self.int8 else {v: k for k, v in _PRECISIONS.items()}[self.precision]
         self.reshape = reshape
         self.threads = threads or physical_cores()
         self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
@@ -73,7 +89,13 @@ class OpenVINOBackend(GraphBackend):
             from ..export.weight_overrides import replace_constants
 
             path, arrays = self.graph_source(component)
-            model = self.core.read_model(str(path))
+            if self.int8 and component in INT8_COMPONENTS:
+                from ..optimize.int8 import int8_model
+
+                model = int8_model(self.core, path, component, path.parent.name, self.model, self._cache,
+                                   self.progress)
+            else:
+                model = self.core.read_model(str(path))
             if arrays:  # tensors changed since the graph was exported (LoRA): swapped in, no new export
                 replace_constants(model, arrays)
             if self.precision != "f32" and _takes_timestep(component):
@@ -108,6 +130,13 @@ class OpenVINOBackend(GraphBackend):
         params = [p for p in model.get_parameters() if p.get_friendly_name() != "timestep"] + [embedding]
         self._embed_outside[component] = shape[shape.rank.get_length() - 1].get_length()
         return ov.Model(model.get_results(), params, model.get_friendly_name())
+
+    def check_weights_changeable(self, components) -> None:
+        if self.int8:
+            raise ValueError(f"dtype='int8' graphs are quantized for the weights they were made from, so the model's "
+                             f"{' and '.join(components)} weights cannot change (LoRA); use "
+                             "dtype=torch.float32 or bfloat16 for them")
+        super().check_weights_changeable(components)
 
     def compiled(self, component: str, shapes: dict[str, tuple]):
         """The compiled graph for these input shapes (compiling it on first use)."""

@@ -69,14 +69,16 @@ def stage_ldm(out: Path, steps: int, seed: int, ae: AutoencoderKL | None = None)
     return target
 
 
-def evaluate(model: Path, n: int, grid: Path | None, seed: int = 0, cache_interval: int | None = None) -> dict:
+def evaluate(model: Path, n: int, grid: Path | None, seed: int = 0, cache_interval: int | None = None,
+             backend: str = "torch", dtype=None) -> dict:
     """The checker's accuracy on n generations of held-out captions (and on real renders of them);
-    `cache_interval` samples with the DeepCache step cache (branch 0)."""
+    `cache_interval` samples with the DeepCache step cache (branch 0); `backend` / `dtype` as Pipeline's
+    (e.g. openvino with dtype="int8")."""
     from ..pipeline import Pipeline
     from .checker import accuracy
     from .data import HELD_OUT, caption, render
 
-    pipe = Pipeline.from_pretrained(model)
+    pipe = Pipeline.from_pretrained(model, backend=backend, dtype=dtype)
     rng = random.Random(seed)
     triples = [HELD_OUT[i % len(HELD_OUT)] for i in range(n)]
     images = []
@@ -87,7 +89,8 @@ def evaluate(model: Path, n: int, grid: Path | None, seed: int = 0, cache_interv
         images.extend((out.images * 255).round().astype("uint8"))
     real = [render(*t, rng) for t in triples]
     result = {"generated": accuracy(images, triples), "real": accuracy(real, triples), "n": n,
-              "held_out_triples": len(HELD_OUT), "cache_interval": cache_interval}
+              "held_out_triples": len(HELD_OUT), "cache_interval": cache_interval, "backend": backend,
+              "dtype": None if dtype is None else str(dtype).replace("torch.", "")}
     print(json.dumps(result, indent=1))
     if grid is not None:
         from PIL import Image
@@ -115,10 +118,16 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=Path, help="with --evaluate: write a grid of samples here")
     p.add_argument("--cache-interval", type=int, default=None, metavar="N",
                    help="with --evaluate: sample with the DeepCache step cache, the whole UNet every N-th step")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                   help="with --evaluate: the backend that samples (default torch)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
+                   help="with --evaluate: its precision (default: the backend's own; int8: openvino only)")
     a = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     if a.evaluate:
-        evaluate(a.evaluate, a.n, a.grid, cache_interval=a.cache_interval)
+        from ..cli import _dtype
+
+        evaluate(a.evaluate, a.n, a.grid, cache_interval=a.cache_interval, backend=a.backend, dtype=_dtype(a.dtype))
         return 0
     if not a.stage:
         p.error("give --stage or --evaluate")
