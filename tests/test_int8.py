@@ -109,3 +109,20 @@ def test_cli_generates_with_int8(int8_pipe, sd1_folder, tmp_path, capsys):
     assert (tmp_path / "a.png").is_file()
     assert main([*args, "--backend", "torch", "--dtype", "int8", "-o", str(tmp_path / "b.png")]) == 2
     assert "dtype='int8' runs on backend='openvino'" in capsys.readouterr().err
+
+
+def test_quantizing_keeps_stdout_clean(sd1_folder, tmp_path, capfd):
+    """NNCF's progress goes to stderr: stdout carries a command's own output (JSON rows) only."""
+    import openvino as ov
+
+    from ldm_engine.export.artifacts import onnx_artifact
+    from ldm_engine.export.cache import ArtifactCache
+    from ldm_engine.loading import load_checkpoint
+
+    model = load_checkpoint(sd1_folder)
+    cache = ArtifactCache(tmp_path / "cache")
+    path = onnx_artifact(model, "text_encoder", cache=cache, progress=False)
+    capfd.readouterr()
+    compressed = int8.int8_model(ov.Core(), path, "text_encoder", path.parent.name, model, cache, progress=False)
+    assert int8.int8_ops(compressed)["int8_constants"] > 0
+    assert capfd.readouterr().out == ""

@@ -143,12 +143,18 @@ def int8_model(core, path: Path, component: str, source_key: str, model, cache, 
     calibration = Calibration() if component == "unet" else None
 
     def build(folder: Path) -> dict:
+        import contextlib
+        import sys
+
         source = core.read_model(str(path))
-        if component == "unet":
-            feeds = calibration_feeds(model, calibration, progress)
-            quantized = quantize_unet(source, feeds)
-        else:
-            quantized = compress_weights(source)
+        # NNCF draws its progress on stdout; it goes with the other progress bars to stderr, so that a
+        # command's stdout (ldm-bench rows, --evaluate's JSON) stays its own
+        with contextlib.redirect_stdout(sys.stderr):
+            if component == "unet":
+                feeds = calibration_feeds(model, calibration, progress)
+                quantized = quantize_unet(source, feeds)
+            else:
+                quantized = compress_weights(source)
         ov.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False)
         return {"component": component, "recipe": RECIPE, "source": source_key,
                 "calibration": dataclasses.asdict(calibration) if calibration else None}
