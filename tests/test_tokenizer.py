@@ -1,13 +1,12 @@
 """CLIP tokenizer ids equal transformers' CLIPTokenizer: on a vocabulary trained here and on the real
 CLIP vocabulary (the one embedded in instant-clip-tokenizer, written out as vocab.json/merges.txt)."""
-import json
 import logging
-from pathlib import Path
 
 import pytest
 
 from conftest import write_tiny_vocab
 from ldm_engine.models import CLIPTokenizer
+from ldm_engine.models.tokenizer import write_clip_vocab
 
 PROMPTS = [
     "a photo of a cat",
@@ -30,39 +29,13 @@ def hf_ids(folder, prompts, pad="<|endoftext|>"):
     return tok(prompts, padding="max_length", max_length=77, truncation=True).input_ids
 
 
-def bytes_to_unicode():
-    """CLIP's reversible byte -> printable unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="module")
 def real_vocab(tmp_path_factory):
     """vocab.json/merges.txt rebuilt from the CLIP BPE merges text that instant-clip-tokenizer embeds."""
-    import instant_clip_tokenizer
-
-    lib = next(Path(instant_clip_tokenizer.__file__).parent.glob("instant_clip_tokenizer*.so"))
-    data = lib.read_bytes()
-    start = data.find(b"#version: 0.2\n")
-    if start < 0:
-        pytest.skip("this build of instant-clip-tokenizer does not carry the merges as text")
-    n_merges = 49152 - 256 - 2
-    lines = data[start:].split(b"\n")[1:1 + n_merges]
-    merges = [tuple(line.decode("utf-8").split()) for line in lines]
-    assert all(len(m) == 2 for m in merges)
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    return folder
+    try:
+        return write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
 def test_tiny_vocab_matches_transformers(tmp_path):
@@ -108,4 +81,27 @@ def test_decode_round_trip():
 
 def test_folder_without_files_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt"):
+        CLIPTokenizer(tmp_path)
+
+
+def test_tokenizer_json_only_folder_matches_transformers(tmp_path):
+    """transformers 5 saves a tokenizer as tokenizer.json alone (no vocab.json / merges.txt): the folder
+    still loads, with the same ids, and a diffusers folder's pad token is still found."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from ldm_engine.loading.checkpoint import _pad_id
+
+    src = write_tiny_vocab(tmp_path / "tok")
+    saved = tmp_path / "saved"
+    HFTokenizer.from_pretrained(str(src), pad_token="<|endoftext|>").save_pretrained(str(saved))
+    if (saved / "vocab.json").exists():
+        (saved / "vocab.json").unlink()
+        (saved / "merges.txt").unlink()
+    assert (saved / "tokenizer.json").is_file()
+    assert CLIPTokenizer(saved)(PROMPTS).tolist() == hf_ids(src, PROMPTS)
+    assert _pad_id(saved) == CLIPTokenizer(saved).eos_token_id
+
+
+def test_folder_without_tokenizer_files_names_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt, or tokenizer.json"):
         CLIPTokenizer(tmp_path)

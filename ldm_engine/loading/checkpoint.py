@@ -12,6 +12,7 @@ from torch import nn
 from ..models import (BERTConfig, BERTEncoder, ClassEmbedder, CLIPTextEncoder, CLIPTokenizer, LDMConfig, UNetModel,
                       WordPieceTokenizer, build_autoencoder, get_preset)
 from ..models.configs import ScheduleConfig, from_dict
+from ..models.tokenizer import read_bpe_files
 from . import bert_keys
 from . import diffusers_config as dc
 from .detect import detect_config
@@ -71,7 +72,7 @@ def load_checkpoint(path: str | Path, config=None, use_ema: bool = True,
     `use_ema`: take the EMA copy of the UNet weights when the file has one.
     `tokenizer`: the tokenizer's files when not the default ones (a diffusers folder's tokenizer/, else the
     vocabulary a dependency ships): a BERT `vocab.txt` / `tokenizer.json` (LDM text-to-image models) or a
-    CLIP folder with vocab.json and merges.txt.
+    CLIP folder with vocab.json and merges.txt, or a BPE tokenizer.json (what transformers 5 saves).
     """
     path = Path(path)
     cfg = resolve_config(config)
@@ -249,10 +250,10 @@ def _sample_size(unet_c: dict) -> int:
 def _pad_id(tok_dir: Path) -> int:
     """The id of the folder tokenizer's pad token: SD1 folders pad with the end token, SD2 folders
     with '!' (id 0 in the CLIP vocabulary, as OpenCLIP pads)."""
-    vocab_file = tok_dir / "vocab.json"
-    if not vocab_file.is_file():
-        raise CheckpointError(f"{tok_dir}: missing vocab.json (the tokenizer files of a diffusers folder)")
-    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    try:
+        vocab, _ = read_bpe_files(tok_dir)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{tok_dir}: {e} (the tokenizer files of a diffusers folder)") from e
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = tok_dir / name
         if f.is_file():
