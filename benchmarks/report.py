@@ -27,33 +27,13 @@ def median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-class PeakRSS:
-    """Peak resident set (MB) of this process over a `with` block, polled every 10 ms from /proc (the
-    benchmark scripts that run in a peer's own venv have no ldm_engine to import)."""
+def process_peak_mb() -> float:
+    """Peak resident memory (MB) of this process so far: loading, compiling and running, what the machine
+    must have for the configuration (each configuration runs in a process of its own). Stdlib only: the
+    scripts that run in a peer's own venv have no ldm_engine to import."""
+    import resource
 
-    def __init__(self):
-        import threading
-
-        self.peak_mb = 0.0
-        self._done = threading.Event()
-        self._poller = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        import os
-
-        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
-        while not self._done.is_set():
-            with open("/proc/self/statm") as f:
-                self.peak_mb = max(self.peak_mb, int(f.read().split()[1]) * page_mb)
-            self._done.wait(0.01)
-
-    def __enter__(self):
-        self._poller.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._poller.join()
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def peer_args(description: str, *extra: tuple[str, dict]):

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from report import PeakRSS, emit, median_time
+from report import emit, median_time, process_peak_mb
 
 GUIDANCE = 7.5
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -86,17 +86,17 @@ def diffusers_rows(folder: Path, res: int, steps: int, repeat: int, dtype, name:
 
     txt2img()
     times = []
-    with PeakRSS() as mem:
-        for _ in range(max(1, repeat // 2)):
-            t0 = time.perf_counter()
-            image = txt2img()
-            times.append(time.perf_counter() - t0)
+    for _ in range(max(1, repeat // 2)):
+        t0 = time.perf_counter()
+        image = txt2img()
+        times.append(time.perf_counter() - t0)
     image_file = work / f"image-diffusers-{name.replace(' ', '-')}-{res}.npy"
     np.save(image_file, np.asarray(image[0], np.float32))
     e2e = statistics.median(times)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     return {"suite": "diffusers", "backend": f"diffusers {name}", "precision": precision,
-            "unet_step_s": step, "end_to_end_s": e2e, "it_per_s": steps / e2e, "peak_mem_mb": round(mem.peak_mb, 1),
+            "unet_step_s": step, "end_to_end_s": e2e, "it_per_s": 1.0 / step,
+            "peak_mem_mb": process_peak_mb(),
             "prepare_s": round(compile_s, 1) if compiled else None, "image": str(image_file)}
 
 

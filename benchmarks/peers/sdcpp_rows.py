@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from report import PeakRSS, peer_args, print_rows  # noqa: E402
+from report import peer_args, process_peak_mb, print_rows  # noqa: E402
 
 GUIDANCE = 7.5
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -47,15 +47,14 @@ def rows(a, say) -> list[dict]:
         run(SHORT)  # warm-up: graph allocation, weight repacking
         short = float(np.median([run(SHORT)[0] for _ in range(max(1, a.repeat // 2))]))
         times = []
-        with PeakRSS() as mem:
-            for _ in range(max(1, a.repeat // 2)):
-                dt, images = run(a.steps)
-                times.append(dt)
+        for _ in range(max(1, a.repeat // 2)):
+            dt, images = run(a.steps)
+            times.append(dt)
         e2e = float(np.median(times))
         step = (e2e - short) / (a.steps - SHORT)
         out.append({"suite": "stable-diffusion.cpp", "backend": f"stable-diffusion.cpp {wtype}", "precision": wtype,
                     "unet_step_s": step, "end_to_end_s": e2e, "it_per_s": 1.0 / step, "threads": threads,
-                    "peak_mem_mb": round(mem.peak_mb, 1), "prepare_s": round(load_s, 1),
+                    "peak_mem_mb": process_peak_mb(), "prepare_s": round(load_s, 1),
                     "image_size": list(images[0].size) if images else None})
         say(f"[stable-diffusion.cpp {wtype}] step {step:.3f} s, end to end {e2e:.2f} s ({a.steps} steps)")
         sd = None  # freed before the next weight type loads
