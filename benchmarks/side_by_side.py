@@ -23,8 +23,10 @@ Peers with pins of their own get a virtual environment the script creates and re
 (benchmarks/peer_venvs.py). A suite that cannot be installed or run leaves a row saying why.
 
 Columns: UNet step (one CFG-batch-2 evaluation), end to end (DDIM, --steps steps, text encoder and VAE
-included), it/s, peak resident memory over the timed runs, PSNR against ldm_engine's torch fp32 image
-where the peer takes the same latents, and each row's step time over ldm_engine's best exact one.
+included), it/s (1 / UNet step, what a progress bar shows), peak resident memory of the configuration's
+process (loading, compiling and running; exports and quantization happen once, beforehand: ldm_engine's
+in its artifact cache, optimum-intel's in a process of its own), PSNR against ldm_engine's torch fp32
+image where the peer takes the same latents, and each row's step time over ldm_engine's best exact one.
 The header and every row carry the CPU model and its ISA flags: compare figures within one machine.
 """
 from __future__ import annotations
